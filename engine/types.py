@@ -1,0 +1,99 @@
+"""What goes into the engine (a request's sampling parameters) and what comes out (outputs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # ChatGLM's: divide positive / multiply negative seen logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None = up to the rest of the context
+    min_tokens: int = 0  # vLLM extension: stop conditions ignored before this many tokens
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # on top of the model's eos
+    ignore_eos: bool = False  # vLLM extension, for benchmarks of random-weight models
+    n: int = 1
+    logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob + top-k
+
+
+class EngineError(Exception):
+    """A request the engine refuses (e.g. prompt longer than the context). Reaches its caller only."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+class PromptTooLongError(EngineError):
+    def __init__(self, prompt_tokens: int, max_model_len: int):
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens, "
+            f"but the prompt has {prompt_tokens} tokens.",
+            code="context_length_exceeded",
+            param="messages",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; the caller should retry later (HTTP 429 + Retry-After)."""
+
+    def __init__(self, retry_after: float = 1.0):
+        super().__init__("The server is overloaded; retry later.", code="overloaded")
+        self.retry_after = retry_after
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
+
+
+@dataclass
+class RequestOutput:
+    """One step's news for one choice of a request (n > 1 gives one stream per index)."""
+
+    request_id: str
+    index: int  # choice index, 0..n-1
+    text: str  # new text since the last output (never half a UTF-8 character, never a stop string)
+    token_ids: list[int]  # new token ids since the last output
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far for this choice
+    logprobs: list[TokenLogprob] | None = None  # for the new tokens, when asked
+
+
+@dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prompt_tokens_total: int = 0  # prompt tokens of finished-or-admitted requests
+    prompt_tokens_computed: int = 0  # prefilled (not served from the prefix cache)
+    generation_tokens_total: int = 0
+    requests_finished: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0

@@ -1,0 +1,218 @@
+"""ChatGLM2 in plain PyTorch, built for serving.
+
+Module and parameter names follow the Hugging Face `chatglm2-6b` checkpoint exactly, so a state
+dict key such as `transformer.encoder.layers.3.self_attention.query_key_value.weight` names the
+parameter that holds it. The forward pass takes a flat batch of tokens from many sequences (prefill
+chunks and single decode tokens together), their positions, and the engine-owned paged KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.attention import AttentionMetadata, kv_cache_shape, paged_attention
+from model.config import ChatGLMConfig, parse_dtype
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding on the first `dim` channels of a head, as interleaved pairs."""
+
+    def __init__(self, dim: int, max_positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_positions = max_positions
+        self.base = base
+        # Present in the seed's checkpoints; we recompute it in fp32 rather than trust an fp16 copy.
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self._cache: Tensor | None = None
+
+    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
+        exps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
+        return 1.0 / (self.base**exps)
+
+    def cos_sin(self, positions: Tensor) -> Tensor:
+        """positions [T] -> [T, dim/2, 2] (cos, sin) in fp32."""
+        if self._cache is None or self._cache.device != positions.device:
+            t = torch.arange(self.max_positions, dtype=torch.float32, device=positions.device)
+            freqs = torch.outer(t, self._inv_freq(positions.device))  # [P, dim/2]
+            self._cache = torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+        return self._cache[positions]
+
+
+def apply_rotary(x: Tensor, cos_sin: Tensor) -> Tensor:
+    """x [T, H, D]; rotate channels [0, rot) as pairs (2i, 2i+1); cos_sin [T, rot/2, 2]."""
+    rot = cos_sin.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    xr = x_rot.float().unflatten(-1, (-1, 2))  # [T, H, rot/2, 2]
+    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]  # [T, 1, rot/2]
+    x0, x1 = xr[..., 0], xr[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([out.to(x.dtype), x_pass], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.query_key_value = nn.Linear(
+            cfg.hidden_size, cfg.qkv_out_features, bias=cfg.add_qkv_bias
+        )
+        self.dense = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos_sin: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+    ) -> Tensor:
+        T = x.shape[0]
+        qkv = self.query_key_value(x)  # [T, (Hq + 2 Hkv) D]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos_sin)
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos_sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, Hq, D]
+        return self.dense(o.reshape(T, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: silu(first half) * second
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: Tensor, cos_sin: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+    ) -> Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+
+
+class ChatGLMModel(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.embedding = Embedding(cfg)
+        self.rotary_pos_emb = RotaryEmbedding(
+            cfg.rotary_dim, cfg.seq_length, base=10000.0 * cfg.rope_ratio
+        )
+        self.encoder = Encoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+
+
+class ChatGLMForCausalLM(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = ChatGLMModel(cfg)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [T]
+        positions: Tensor,  # [T]
+        kv_caches: list[Tensor],  # one per layer, see kv_cache_shape
+        meta: AttentionMetadata,
+    ) -> Tensor:
+        """-> final hidden states [T, hidden] (normed); logits via compute_logits."""
+        t = self.transformer
+        x = t.embedding(input_ids)
+        cos_sin = t.rotary_pos_emb.cos_sin(positions)
+        for layer, cache in zip(t.encoder.layers, kv_caches, strict=True):
+            if x.device != cache.device:  # a layer-split boundary: move activations once
+                x, cos_sin, meta = x.to(cache.device), cos_sin.to(cache.device), meta.to(cache.device)
+            x = layer(x, cos_sin, cache, meta)
+        norm = t.encoder.final_layernorm
+        return norm(x.to(norm.weight.device))
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab]."""
+        head = self.transformer.output_layer
+        return head(hidden.to(head.weight.device)).float()
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        c = self.config
+        return kv_cache_shape(num_blocks, block_size, c.num_kv_heads, c.head_dim)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        c = self.config
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
+
+    def layer_devices(self) -> list[torch.device]:
+        """The device of each transformer layer (where its KV cache must live)."""
+        return [layer.input_layernorm.weight.device for layer in self.layers]
+
+    @classmethod
+    def random(
+        cls,
+        cfg: ChatGLMConfig,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        std: float = 0.02,
+    ) -> ChatGLMForCausalLM:
+        """Random weights of any config, created directly on `device` (no file, no CPU copy)."""
+        dtype = parse_dtype(dtype or cfg.torch_dtype)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("layernorm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+            rot = model.transformer.rotary_pos_emb
+            rot.inv_freq.copy_(rot._inv_freq(rot.inv_freq.device))
+        return model.to(dtype).eval()
