@@ -1,0 +1,53 @@
+"""How the engine is sized: batch limits, KV cache budget, context length, queue limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences decoded together in one step
+    # Per-step token budget: every running sequence's decode token plus prefill chunks. A long
+    # prompt is prefilled in chunks of what is left, so it never stalls decodes for long.
+    max_num_batched_tokens: int = 1024
+    block_size: int = 16  # tokens per KV cache block (the unit of sharing and allocation)
+
+    # KV cache budget, first one set wins: an exact block count, a token count, bytes, or (CUDA)
+    # a fraction of the GPU memory free after the model is loaded. With none set on CPU the
+    # budget is min(cpu_kv_cache_max_bytes, a quarter of the memory available at start).
+    num_blocks: int | None = None
+    kv_cache_tokens: int | None = None
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_max_bytes: int = 4 << 30
+    kv_cache_dtype: str | None = None  # None = the model's dtype
+
+    max_model_len: int | None = None  # None = model seq_length, clipped to the KV capacity
+    max_queue: int = 1024  # waiting requests beyond this are refused (EngineOverloadedError)
+    enable_prefix_caching: bool = True
+    max_n: int = 16  # largest accepted SamplingParams.n
+    max_logprobs: int = 20  # largest accepted SamplingParams.logprobs
+    seed: int = 0  # seeds the generator that unseeded requests draw from
+
+    def validate(self) -> None:
+        def refuse(name: str, why: str) -> None:
+            raise ValueError(f"engine config {name}: {why}")
+
+        if self.max_num_seqs < 1:
+            refuse("max_num_seqs", "must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # every running sequence must be able to decode in the same step
+            refuse("max_num_batched_tokens", f"must be >= max_num_seqs ({self.max_num_seqs})")
+        if self.block_size < 1:
+            refuse("block_size", "must be >= 1")
+        for name in ("num_blocks", "kv_cache_tokens", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                refuse(name, "must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            refuse("gpu_memory_utilization", "must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            refuse("max_model_len", "must be >= 2")
+        if self.max_queue < 1:
+            refuse("max_queue", "must be >= 1")

@@ -1,0 +1,197 @@
+"""Load a Hugging Face `chatglm2-6b` (or `chatglm2-6b-int4`) directory into our model.
+
+Shards are read one at a time (`.bin` memory-mapped with `weights_only=True`, safetensors lazily)
+and each tensor goes straight to its device and dtype, so peak host memory stays near one shard
+plus the model. Every tensor is accounted for: a missing, unexpected or wrongly shaped tensor, a
+missing shard or a corrupt file is an error naming it, never a silently half-random model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from model.chatglm import ChatGLMForCausalLM
+from model.config import ChatGLMConfig, parse_dtype
+
+log = logging.getLogger(__name__)
+
+# Present in the seed's files but recomputed by us (fp32 is more exact than the stored copy).
+_IGNORED_KEYS = {"transformer.rotary_pos_emb.inv_freq"}
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+DeviceFor = Callable[[str], torch.device]
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint on disk does not match what the config promises."""
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in shard order; missing shards are an error."""
+    for index_name in _INDEXES:
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid weight index ({e})") from e
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"missing shard file(s) listed in {index.name}: {missing}")
+            return [path / f for f in files]
+    for single in _SINGLES:
+        if (path / single).is_file():
+            return [path / single]
+    raise CheckpointError(
+        f"no weights in {path}: expected {' or '.join(_INDEXES + _SINGLES)}"
+    )
+
+
+def _read_shard(file: Path) -> Iterator[tuple[str, Tensor]]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    yield key, f.get_tensor(key)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file.name}: expected a state dict, found {type(state)}")
+            yield from state.items()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or garbled shard: name the file
+        raise CheckpointError(f"cannot read weight file {file.name}: {e}") from e
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = key.rpartition(".")
+    return model.get_submodule(prefix), attr
+
+
+def _progress(files: list[Path]) -> Iterator[Path]:
+    if len(files) > 1 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(files, desc="Loading checkpoint shards", unit="shard")
+    else:
+        yield from files
+
+
+def load_checkpoint(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    quantize: int | None = None,
+    group_size: int | None = None,
+    device_for: DeviceFor | None = None,
+) -> ChatGLMForCausalLM:
+    """Build the model from a checkpoint directory.
+
+    dtype: None or "auto" = the config's torch_dtype. quantize: 4 or 8 quantizes the transformer
+    linears on the fly as they stream in (a `quantization_bit` checkpoint loads as is).
+    device_for(key) -> device places each tensor for a layer-split model; default: `device`.
+    """
+    path = Path(path)
+    cfg = ChatGLMConfig.from_json(path)
+    if dtype is None or dtype == "auto":
+        dtype = cfg.torch_dtype
+    dtype = parse_dtype(dtype)
+    default_device = torch.device(device)
+    place: DeviceFor = device_for or (lambda key: default_device)
+    files = weight_files(path)
+
+    with torch.device("meta"):
+        model = ChatGLMForCausalLM(cfg)
+    if cfg.quantization_bit or quantize:
+        from model.quantize import QuantSpec, replace_linears
+
+        bits = cfg.quantization_bit or quantize
+        if cfg.quantization_bit and quantize and quantize != cfg.quantization_bit:
+            raise CheckpointError(
+                f"checkpoint is already int{cfg.quantization_bit}; cannot serve it as int{quantize}"
+            )
+        spec = QuantSpec(bits=bits, group_size=None if cfg.quantization_bit else group_size)
+        replace_linears(model, spec, from_checkpoint=bool(cfg.quantization_bit))
+
+    expected = dict(model.state_dict(keep_vars=True))
+    loaded: set[str] = set()
+    for file in _progress(files):
+        for key, tensor in _read_shard(file):
+            if key in _IGNORED_KEYS:
+                continue
+            if key not in expected:
+                raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
+            if key in loaded:
+                raise CheckpointError(f"tensor {key!r} appears twice (again in {file.name})")
+            module, attr = _owner(model, key)
+            target = place(key)
+            if hasattr(module, "load_weight"):  # quantized modules take (and check) their own
+                module.load_weight(attr, tensor.to(target))
+            else:
+                want = expected[key]
+                if tuple(tensor.shape) != tuple(want.shape):
+                    raise CheckpointError(
+                        f"tensor {key!r} in {file.name} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(want.shape)}"
+                    )
+                value = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else None)
+                if isinstance(want, nn.Parameter):
+                    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+                else:
+                    module._buffers[attr] = value
+            loaded.add(key)
+        # one shard's mapping is dropped here before the next is opened
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}")
+
+    for module in model.modules():
+        if hasattr(module, "finalize"):
+            module.finalize()
+    rot = model.transformer.rotary_pos_emb
+    rot_device = place("transformer.encoder.layers.0.input_layernorm.weight")
+    rot._buffers["inv_freq"] = rot._inv_freq(rot_device)
+    return model.eval()
+
+
+def load_model_and_tokenizer(
+    path: str | Path | None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    quantize: int | None = None,
+    group_size: int | None = None,
+    device_for: DeviceFor | None = None,
+):
+    """(model, tokenizer) from a checkpoint dir; path None = the embedded demo model."""
+    from model.tokenizer import ChatGLMTokenizer
+
+    if path is None:
+        from model.demo import demo_checkpoint_dir
+
+        path = demo_checkpoint_dir()
+        log.warning(
+            "No model given: serving the embedded DEMO model (tiny ChatGLM2, random weights, "
+            "fixed seed) from %s. Its replies are gibberish; pass --model DIR for a real one.",
+            path,
+        )
+    path = Path(path)
+    tok_file = path / "tokenizer.model"
+    if not tok_file.is_file():
+        raise CheckpointError(f"missing tokenizer file: {tok_file}")
+    model = load_checkpoint(
+        path, dtype=dtype, device=device, quantize=quantize, group_size=group_size, device_for=device_for
+    )
+    return model, ChatGLMTokenizer(str(tok_file))

@@ -1,0 +1,125 @@
+"""Loading HF-format checkpoint directories, and refusing broken ones by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from model.config import ChatGLMConfig, ConfigError
+from model.loader import CheckpointError, load_checkpoint, weight_files
+from tests.paged import PagedRunner
+
+LAYOUTS = ["bin-sharded", "safetensors-sharded", "bin-single", "safetensors-single"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_loads_each_layout_exactly(tiny_checkpoints, tiny_model, layout):
+    model = load_checkpoint(tiny_checkpoints[layout], dtype="float32")
+    state = model.state_dict()
+    for key, want in tiny_model.state_dict().items():
+        assert state[key].dtype == torch.float32
+        torch.testing.assert_close(state[key], want.to(torch.float16).float(), rtol=0, atol=0)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_dtype_defaults_to_config(tiny_checkpoints):
+    model = load_checkpoint(tiny_checkpoints["bin-sharded"])  # config says float16
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    model = load_checkpoint(tiny_checkpoints["bin-sharded"], dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_loaded_model_runs_like_the_source(tiny_checkpoints, tiny_model):
+    model = load_checkpoint(tiny_checkpoints["safetensors-sharded"], dtype="float32")
+    ids = list(range(5, 30))
+    got = PagedRunner(model).step([(0, ids)])
+    src = tiny_model.__class__.random(tiny_model.config, seed=0)
+    src.load_state_dict({k: v.half().float() for k, v in tiny_model.state_dict().items()})
+    torch.testing.assert_close(got, PagedRunner(src).step([(0, ids)]))
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_bin(path, edit):
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
+    d = _copy(tiny_checkpoints["bin-single"], tmp_path)
+    key = "transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"
+    _rewrite_bin(d / "pytorch_model.bin", lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.mlp\.dense_4h_to_h"):
+        load_checkpoint(d)
+
+
+def test_extra_tensor_is_named(tiny_checkpoints, tmp_path):
+    d = _copy(tiny_checkpoints["bin-single"], tmp_path)
+    _rewrite_bin(d / "pytorch_model.bin", lambda s: s.update({"transformer.bogus.weight": torch.ones(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'transformer\.bogus\.weight'"):
+        load_checkpoint(d)
+
+
+def test_wrong_shape_is_named(tiny_checkpoints, tmp_path):
+    d = _copy(tiny_checkpoints["bin-single"], tmp_path)
+    key = "transformer.encoder.layers.0.self_attention.dense.weight"
+    _rewrite_bin(d / "pytorch_model.bin", lambda s: s.update({key: torch.zeros(3, 3)}))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.self_attention\.dense\.weight.*shape \(3, 3\)"):
+        load_checkpoint(d)
+
+
+def test_missing_shard_is_named(tiny_checkpoints, tmp_path):
+    d = _copy(tiny_checkpoints["bin-sharded"], tmp_path)
+    (d / "pytorch_model-00002-of-00003.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00003\.bin"):
+        load_checkpoint(d)
+
+
+def test_corrupt_shard_is_named(tiny_checkpoints, tmp_path):
+    d = _copy(tiny_checkpoints["safetensors-sharded"], tmp_path)
+    shard = d / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors"):
+        load_checkpoint(d)
+
+
+def test_truncated_bin_is_named(tiny_checkpoints, tmp_path):
+    d = _copy(tiny_checkpoints["bin-sharded"], tmp_path)
+    shard = d / "pytorch_model-00003-of-00003.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00003-of-00003\.bin"):
+        load_checkpoint(d)
+
+
+def test_no_weights_and_no_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm"}))
+    with pytest.raises(CheckpointError, match="no weights"):
+        weight_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("model_type", "llama"), ("rmsnorm", False), ("quantization_bit", 3), ("add_bias_linear", True)],
+)
+def test_unservable_config_names_the_field(tiny_cfg, field, value):
+    data = tiny_cfg.to_dict()
+    data[field] = value
+    with pytest.raises(ConfigError, match=field):
+        ChatGLMConfig.from_dict(data)
+
+
+def test_config_round_trips_hf_fields(tiny_cfg):
+    data = tiny_cfg.to_dict()
+    for name in ("num_layers", "padded_vocab_size", "multi_query_group_num", "kv_channels", "seq_length"):
+        assert name in data
+    assert ChatGLMConfig.from_dict(data).to_dict() == data
