@@ -69,6 +69,27 @@ class TokenLogprob:
 
 
 @dataclass
+class RequestMetrics:
+    """Timings of one choice (time.monotonic() seconds), sent with its last output."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    def time_per_output_token(self, completion_tokens: int) -> float | None:
+        if self.first_token_time is None or self.finished_time is None or completion_tokens < 2:
+            return None
+        return (self.finished_time - self.first_token_time) / (completion_tokens - 1)
+
+
+@dataclass
 class RequestOutput:
     """One step's news for one choice of a request (n > 1 gives one stream per index)."""
 
@@ -81,6 +102,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far for this choice
     logprobs: list[TokenLogprob] | None = None  # for the new tokens, when asked
+    metrics: RequestMetrics | None = None  # on the last output of each index
 
 
 @dataclass
@@ -93,6 +115,14 @@ class EngineStats:
     prompt_tokens_computed: int = 0  # prefilled (not served from the prefix cache)
     generation_tokens_total: int = 0
     requests_finished: int = 0
+    # added by the engine (all optional for readers of the fields above)
+    prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+    kv_capacity_tokens: int = 0
+    time_to_first_token_sum: float = 0.0  # seconds, over first tokens produced
+    time_to_first_token_count: int = 0
+    time_per_output_token_sum: float = 0.0  # seconds, over finished choices with >= 2 tokens
+    time_per_output_token_count: int = 0
 
     @property
     def kv_usage(self) -> float:

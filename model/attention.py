@@ -52,7 +52,9 @@ class AttentionMetadata:
             block_tables=self.block_tables.to(device),
             num_prefills=self.num_prefills,
             block_size=self.block_size,
-            seq_lens_tensor=None if self.seq_lens_tensor is None else self.seq_lens_tensor.to(device),
+            seq_lens_tensor=None
+            if self.seq_lens_tensor is None
+            else self.seq_lens_tensor.to(device),
         )
 
 
@@ -83,7 +85,7 @@ def paged_attention(
         s, e, L = qsl[i], qsl[i + 1], meta.seq_lens[i]
         n = e - s
         qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        if L == n:  # nothing cached before this chunk: attend to the fresh K/V directly
+        if n == L:  # nothing cached before this chunk: attend to the fresh K/V directly
             ki = k[s:e].transpose(0, 1).unsqueeze(0)
             vi = v[s:e].transpose(0, 1).unsqueeze(0)
             oi = F.scaled_dot_product_attention(

@@ -165,11 +165,15 @@ class ChatGLMForCausalLM(nn.Module):
     ) -> Tensor:
         """-> final hidden states [T, hidden] (normed); logits via compute_logits."""
         t = self.transformer
-        x = t.embedding(input_ids)
+        x = t.embedding(input_ids.to(t.embedding.word_embeddings.weight.device))
         cos_sin = t.rotary_pos_emb.cos_sin(positions)
         for layer, cache in zip(t.encoder.layers, kv_caches, strict=True):
             if x.device != cache.device:  # a layer-split boundary: move activations once
-                x, cos_sin, meta = x.to(cache.device), cos_sin.to(cache.device), meta.to(cache.device)
+                x = x.to(cache.device)
+            if cos_sin.device != cache.device:  # (inputs may come on another device)
+                cos_sin = cos_sin.to(cache.device)
+            if meta.slot_mapping.device != cache.device:
+                meta = meta.to(cache.device)
             x = layer(x, cos_sin, cache, meta)
         norm = t.encoder.final_layernorm
         return norm(x.to(norm.weight.device))
@@ -180,13 +184,14 @@ class ChatGLMForCausalLM(nn.Module):
         return head(hidden.to(head.weight.device)).float()
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        c = self.config
-        return kv_cache_shape(num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        # the KV heads this process holds (fewer than the config's under tensor parallel)
+        attn = self.layers[0].self_attention
+        return kv_cache_shape(num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        c = self.config
+        attn = self.layers[0].self_attention
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
+        return 2 * self.config.num_layers * attn.num_kv_heads * attn.head_dim * elem
 
     def layer_devices(self) -> list[torch.device]:
         """The device of each transformer layer (where its KV cache must live)."""

@@ -65,7 +65,9 @@ class ChatGLMConfig:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+        return (
+            self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+        )
 
     @property
     def qkv_out_features(self) -> int:

@@ -43,8 +43,10 @@ def cache_root() -> Path:
 
 
 def _recipe_hash() -> str:
-    corpus = Path(__file__).with_name("demo_corpus.txt").read_bytes()
-    h = hashlib.sha256(corpus)
+    from model.demo_tokenizer import train_demo_tokenizer_bytes
+
+    # the trained tokenizer itself (about 10 ms to make) covers corpus, trainer settings and version
+    h = hashlib.sha256(train_demo_tokenizer_bytes())
     h.update(f"{_FORMAT_VERSION}:{DEMO_SEED}".encode())
     return h.hexdigest()[:12]
 

@@ -62,7 +62,9 @@ def to_glm_state_dict(state: Mapping[str, Tensor], cfg: ChatGLMConfig) -> dict[s
         out[dst + "mlp.gate_up_proj.weight"] = state[src + "mlp.dense_h_to_4h.weight"]
         out[dst + "mlp.down_proj.weight"] = state[src + "mlp.dense_4h_to_h.weight"]
         out[dst + "input_layernorm.weight"] = state[src + "input_layernorm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "post_attention_layernorm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = state[
+            src + "post_attention_layernorm.weight"
+        ]
     return out
 
 

@@ -51,9 +51,7 @@ def weight_files(path: Path) -> list[Path]:
     for single in _SINGLES:
         if (path / single).is_file():
             return [path / single]
-    raise CheckpointError(
-        f"no weights in {path}: expected {' or '.join(_INDEXES + _SINGLES)}"
-    )
+    raise CheckpointError(f"no weights in {path}: expected {' or '.join(_INDEXES + _SINGLES)}")
 
 
 def _read_shard(file: Path) -> Iterator[tuple[str, Tensor]]:
@@ -96,12 +94,14 @@ def load_checkpoint(
     quantize: int | None = None,
     group_size: int | None = None,
     device_for: DeviceFor | None = None,
+    tensor_parallel=None,
 ) -> ChatGLMForCausalLM:
     """Build the model from a checkpoint directory.
 
     dtype: None or "auto" = the config's torch_dtype. quantize: 4 or 8 quantizes the transformer
     linears on the fly as they stream in (a `quantization_bit` checkpoint loads as is).
     device_for(key) -> device places each tensor for a layer-split model; default: `device`.
+    tensor_parallel: a `model.tensor_parallel.TensorParallel`; this process keeps its shard only.
     """
     path = Path(path)
     cfg = ChatGLMConfig.from_json(path)
@@ -124,6 +124,8 @@ def load_checkpoint(
             )
         spec = QuantSpec(bits=bits, group_size=None if cfg.quantization_bit else group_size)
         replace_linears(model, spec, from_checkpoint=bool(cfg.quantization_bit))
+    if tensor_parallel is not None:
+        tensor_parallel.prepare(model)
 
     expected = dict(model.state_dict(keep_vars=True))
     loaded: set[str] = set()
@@ -135,6 +137,8 @@ def load_checkpoint(
                 raise CheckpointError(f"unexpected tensor {key!r} in {file.name}")
             if key in loaded:
                 raise CheckpointError(f"tensor {key!r} appears twice (again in {file.name})")
+            if tensor_parallel is not None:
+                tensor = tensor_parallel.shard(key, tensor)
             module, attr = _owner(model, key)
             target = place(key)
             if hasattr(module, "load_weight"):  # quantized modules take (and check) their own
@@ -146,7 +150,9 @@ def load_checkpoint(
                         f"tensor {key!r} in {file.name} has shape {tuple(tensor.shape)}, "
                         f"expected {tuple(want.shape)}"
                     )
-                value = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else None)
+                value = tensor.to(
+                    device=target, dtype=dtype if tensor.is_floating_point() else None
+                )
                 if isinstance(want, nn.Parameter):
                     module._parameters[attr] = nn.Parameter(value, requires_grad=False)
                 else:
@@ -155,7 +161,9 @@ def load_checkpoint(
         # one shard's mapping is dropped here before the next is opened
     missing = sorted(set(expected) - loaded)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}")
 
     for module in model.modules():
@@ -174,6 +182,7 @@ def load_model_and_tokenizer(
     quantize: int | None = None,
     group_size: int | None = None,
     device_for: DeviceFor | None = None,
+    tensor_parallel=None,
 ):
     """(model, tokenizer) from a checkpoint dir; path None = the embedded demo model."""
     from model.tokenizer import ChatGLMTokenizer
@@ -192,6 +201,12 @@ def load_model_and_tokenizer(
     if not tok_file.is_file():
         raise CheckpointError(f"missing tokenizer file: {tok_file}")
     model = load_checkpoint(
-        path, dtype=dtype, device=device, quantize=quantize, group_size=group_size, device_for=device_for
+        path,
+        dtype=dtype,
+        device=device,
+        quantize=quantize,
+        group_size=group_size,
+        device_for=device_for,
+        tensor_parallel=tensor_parallel,
     )
     return model, ChatGLMTokenizer(str(tok_file))

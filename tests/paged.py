@@ -12,7 +12,9 @@ from model.chatglm import ChatGLMForCausalLM
 class PagedRunner:
     """Each sequence gets its own contiguous run of blocks; enough to exercise the paged layout."""
 
-    def __init__(self, model: ChatGLMForCausalLM, max_seqs: int = 8, max_len: int = 256, block_size: int = 16):
+    def __init__(
+        self, model: ChatGLMForCausalLM, max_seqs: int = 8, max_len: int = 256, block_size: int = 16
+    ):
         self.model = model
         self.bs = block_size
         self.blocks_per_seq = (max_len + block_size - 1) // block_size
@@ -26,7 +28,9 @@ class PagedRunner:
 
     def table(self, seq: int) -> list[int]:
         # interleave sequences' blocks in reverse so block ids are not trivially contiguous
-        return [(self.blocks_per_seq - 1 - j) * len(self.lens) + seq for j in range(self.blocks_per_seq)]
+        return [
+            (self.blocks_per_seq - 1 - j) * len(self.lens) + seq for j in range(self.blocks_per_seq)
+        ]
 
     @torch.inference_mode()
     def step(self, chunks: list[tuple[int, list[int]]]) -> Tensor:

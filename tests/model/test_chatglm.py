@@ -36,7 +36,11 @@ def test_greedy_continuation_matches_transformers(tiny_model, reference):
     ours = PagedRunner(tiny_model).greedy(0, prompt, steps=32)
     with torch.no_grad():
         out = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )
     assert ours == out[0, len(prompt) :].tolist()
     assert len(set(ours)) > 1

@@ -63,7 +63,9 @@ def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
 
 def test_extra_tensor_is_named(tiny_checkpoints, tmp_path):
     d = _copy(tiny_checkpoints["bin-single"], tmp_path)
-    _rewrite_bin(d / "pytorch_model.bin", lambda s: s.update({"transformer.bogus.weight": torch.ones(2)}))
+    _rewrite_bin(
+        d / "pytorch_model.bin", lambda s: s.update({"transformer.bogus.weight": torch.ones(2)})
+    )
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'transformer\.bogus\.weight'"):
         load_checkpoint(d)
 
@@ -72,7 +74,9 @@ def test_wrong_shape_is_named(tiny_checkpoints, tmp_path):
     d = _copy(tiny_checkpoints["bin-single"], tmp_path)
     key = "transformer.encoder.layers.0.self_attention.dense.weight"
     _rewrite_bin(d / "pytorch_model.bin", lambda s: s.update({key: torch.zeros(3, 3)}))
-    with pytest.raises(CheckpointError, match=r"layers\.0\.self_attention\.dense\.weight.*shape \(3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"layers\.0\.self_attention\.dense\.weight.*shape \(3, 3\)"
+    ):
         load_checkpoint(d)
 
 
@@ -109,7 +113,12 @@ def test_no_weights_and_no_config(tmp_path):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("model_type", "llama"), ("rmsnorm", False), ("quantization_bit", 3), ("add_bias_linear", True)],
+    [
+        ("model_type", "llama"),
+        ("rmsnorm", False),
+        ("quantization_bit", 3),
+        ("add_bias_linear", True),
+    ],
 )
 def test_unservable_config_names_the_field(tiny_cfg, field, value):
     data = tiny_cfg.to_dict()
@@ -120,6 +129,12 @@ def test_unservable_config_names_the_field(tiny_cfg, field, value):
 
 def test_config_round_trips_hf_fields(tiny_cfg):
     data = tiny_cfg.to_dict()
-    for name in ("num_layers", "padded_vocab_size", "multi_query_group_num", "kv_channels", "seq_length"):
+    for name in (
+        "num_layers",
+        "padded_vocab_size",
+        "multi_query_group_num",
+        "kv_channels",
+        "seq_length",
+    ):
         assert name in data
     assert ChatGLMConfig.from_dict(data).to_dict() == data
