@@ -138,3 +138,49 @@ def test_config_round_trips_hf_fields(tiny_cfg):
     ):
         assert name in data
     assert ChatGLMConfig.from_dict(data).to_dict() == data
+
+
+# The config.json shipped with THUDM/chatglm2-6b (the int4 repo adds "quantization_bit": 4).
+REAL_6B_CONFIG = {
+    "_name_or_path": "THUDM/chatglm2-6b",
+    "model_type": "chatglm",
+    "architectures": ["ChatGLMModel"],
+    "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True,
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
+    "original_rope": True,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 32768,
+    "use_cache": True,
+    "torch_dtype": "float16",
+    "transformers_version": "4.27.1",
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+def test_reads_the_real_chatglm2_6b_config():
+    cfg = ChatGLMConfig.from_dict(REAL_6B_CONFIG)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim) == (28, 4096, 2, 128)
+    assert cfg.qkv_out_features == 4608 and cfg.rotary_dim == 64
+    assert cfg.quantization_bit == 0 and cfg.extra["original_rope"] is True
+    int4 = ChatGLMConfig.from_dict({**REAL_6B_CONFIG, "quantization_bit": 4})
+    assert int4.quantization_bit == 4
