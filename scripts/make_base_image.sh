@@ -3,6 +3,7 @@
 # for machines that cannot pull from an image registry.
 #
 #   scripts/make_base_image.sh [IMAGE_NAME]        (default: chatglm-serve-base:bookworm)
+#   scripts/make_base_image.sh --print-mirror      (only print the mirror it would use)
 #
 # The Debian mirror is the one apt on this host already uses, read from /etc/apt/sources.list.d/
 # (or /etc/apt/sources.list) at run time, or given as DEBIAN_MIRROR=URL. It is never written into
@@ -13,6 +14,7 @@ set -euo pipefail
 IMAGE=${1:-chatglm-serve-base:bookworm}
 SUITE=${SUITE:-bookworm}
 WORK_DIR=${WORK_DIR:-/tmp}
+APT_ETC=${APT_ETC:-/etc/apt}
 # python3-venv brings ensurepip, so the Dockerfile can make a virtual environment without apt.
 PACKAGES=${PACKAGES:-python3,python3-venv,ca-certificates}
 
@@ -22,7 +24,7 @@ die() { echo "make_base_image: $*" >&2; exit 1; }
 apt_mirror() {
     local f
     shopt -s nullglob
-    for f in /etc/apt/sources.list.d/*.sources; do
+    for f in "$APT_ETC"/sources.list.d/*.sources; do
         # deb822 stanzas are separated by blank lines; pick one whose Types has deb and Suites has
         # exactly $SUITE.
         awk -v suite="$SUITE" '
@@ -40,7 +42,7 @@ apt_mirror() {
             END { if (!found) flush() }
         ' "$f" | head -n1 | grep . && return 0
     done
-    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list; do
+    for f in "$APT_ETC"/sources.list.d/*.list "$APT_ETC"/sources.list; do
         [[ -f $f ]] || continue
         # one-line style: deb [options] URI SUITE COMPONENTS...
         sed -E 's/\[[^]]*\]//' "$f" |
@@ -49,11 +51,16 @@ apt_mirror() {
     return 1
 }
 
+if [[ $IMAGE == --print-mirror ]]; then # what would be used, and nothing else
+    apt_mirror || die "no Debian mirror for $SUITE found in $APT_ETC"
+    exit 0
+fi
+
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
 command -v docker >/dev/null || die "docker is not installed"
 
 MIRROR=${DEBIAN_MIRROR:-$(apt_mirror || true)}
-[[ -n $MIRROR ]] || die "no Debian mirror for $SUITE found in /etc/apt; set DEBIAN_MIRROR"
+[[ -n $MIRROR ]] || die "no Debian mirror for $SUITE found in $APT_ETC; set DEBIAN_MIRROR"
 
 ROOTFS=$(mktemp -d "$WORK_DIR/chatglm-rootfs.XXXXXX")
 trap 'rm -rf --one-file-system "$ROOTFS"' EXIT

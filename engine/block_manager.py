@@ -1,0 +1,192 @@
+"""Paged KV cache bookkeeping: which blocks each sequence holds, and the prefix cache.
+
+A block holds `block_size` consecutive tokens of one sequence. Blocks are reference counted so
+sequences with a common prefix (the history of a chat, the n choices of one request) share them.
+With prefix caching, every full block whose K/V has been computed is registered under a chained
+hash of all token ids up to its end; a later sequence that starts with the same tokens takes the
+same blocks instead of recomputing them. Freed registered blocks stay in the cache, in LRU order,
+until a fresh block is needed and none unregistered is free.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from engine.sequence import Sequence
+
+
+def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((prev, tokens))
+
+
+class BlockManager:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        # tokens of a registered block: guards against a hash collision handing out wrong K/V
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # chained hash -> block id
+        self.free_plain: deque[int] = deque(range(num_blocks))  # unregistered, unreferenced
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; LRU
+        # counters
+        self.cache_hit_blocks = 0
+        self.cache_queried_blocks = 0
+
+    # ---- capacity ----
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_plain) + len(self.free_cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    # ---- prefix cache ----
+    def _lookup(self, h: int, tokens: tuple[int, ...]) -> int | None:
+        b = self.cached.get(h)
+        if b is not None and self.block_tokens[b] == tokens:
+            return b
+        return None
+
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Cached blocks (and their hashes) covering the longest cached prefix of token_ids.
+
+        At least the last token is always left uncached: its logits are needed to sample, and it
+        must be written into a block of the sequence's own, never into a shared one.
+        """
+        if not self.enable_prefix_caching:
+            return [], []
+        bs = self.block_size
+        blocks: list[int] = []
+        hashes: list[int] = []
+        prev: int | None = None
+        for j in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[j * bs : (j + 1) * bs])
+            h = chain_hash(prev, tokens)
+            b = self._lookup(h, tokens)
+            if b is None:
+                break
+            blocks.append(b)
+            hashes.append(h)
+            prev = h
+        return blocks, hashes
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Register the sequence's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        prev = seq.block_hashes[-1] if seq.block_hashes else None
+        for j in range(len(seq.block_hashes), full):
+            tokens = tuple(seq.token_ids[j * bs : (j + 1) * bs])
+            h = chain_hash(prev, tokens)
+            b = seq.block_table[j]
+            if h not in self.cached and self.block_hash[b] is None:
+                self.cached[h] = b
+                self.block_hash[b] = h
+                self.block_tokens[b] = tokens
+            seq.block_hashes.append(h)
+            prev = h
+
+    # ---- allocation ----
+    def _pop_free(self) -> int:
+        if self.free_plain:
+            b = self.free_plain.popleft()
+        else:  # evict the least recently freed cached block
+            b, _ = self.free_cached.popitem(last=False)
+            h = self.block_hash[b]
+            if h is not None and self.cached.get(h) == b:
+                del self.cached[h]
+            self.block_hash[b] = None
+            self.block_tokens[b] = None
+        self.ref_counts[b] = 1
+        return b
+
+    def _take(self, b: int) -> None:
+        if self.ref_counts[b] == 0:
+            del self.free_cached[b]
+        self.ref_counts[b] += 1
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        blocks, _ = self.match_prefix(seq.token_ids)
+        return self._blocks_needed(seq, blocks) + reserve <= self.num_free_blocks
+
+    def _blocks_needed(self, seq: Sequence, hit_blocks: list[int]) -> int:
+        fresh = self.blocks_for(seq.num_tokens) - len(hit_blocks)
+        revived = sum(1 for b in hit_blocks if self.ref_counts[b] == 0)  # leave the free pool
+        return fresh + revived
+
+    def allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
+
+        Returns False (and changes nothing) when fewer than needed + reserve blocks are free.
+        """
+        assert not seq.block_table, "sequence already holds blocks"
+        blocks, hashes = self.match_prefix(seq.token_ids)
+        if self._blocks_needed(seq, blocks) + reserve > self.num_free_blocks:
+            return False
+        for b in blocks:
+            self._take(b)
+        fresh = [self._pop_free() for _ in range(self.blocks_for(seq.num_tokens) - len(blocks))]
+        seq.block_table = blocks + fresh
+        seq.block_hashes = hashes
+        seq.num_computed_tokens = len(blocks) * self.block_size
+        if self.enable_prefix_caching:
+            self.cache_queried_blocks += (seq.num_tokens - 1) // self.block_size
+            self.cache_hit_blocks += len(blocks)
+        return True
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.blocks_for(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence) -> None:
+        """Make room for all of the sequence's tokens (a decode step adds at most one block)."""
+        need = self.blocks_for(seq.num_tokens) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            raise RuntimeError("append_slots without can_append")
+        for _ in range(need):
+            seq.block_table.append(self._pop_free())
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks are freed first so they are evicted before the (more shareable) prefix.
+        for b in reversed(seq.block_table):
+            self.ref_counts[b] -= 1
+            assert self.ref_counts[b] >= 0, f"block {b} freed twice"
+            if self.ref_counts[b] == 0:
+                if self.block_hash[b] is not None:
+                    self.free_cached[b] = None
+                else:
+                    self.free_plain.append(b)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget all cached prefixes (e.g. after the cache contents became untrustworthy)."""
+        for b in list(self.free_cached):
+            self.free_plain.append(b)
+        self.free_cached.clear()
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+
+    def check_consistency(self) -> None:
+        """Invariants, for tests: every block is free exactly once or referenced."""
+        free = list(self.free_plain) + list(self.free_cached)
+        free_set = set(free)
+        assert len(free) == len(free_set), "a block is free twice"
+        for b in range(self.num_blocks):
+            assert (self.ref_counts[b] == 0) == (b in free_set), f"block {b} ref/free mismatch"
+        for h, b in self.cached.items():
+            assert self.block_hash[b] == h

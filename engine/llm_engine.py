@@ -1,0 +1,361 @@
+"""The synchronous engine core: requests in, one batched step at a time, outputs out.
+
+`step()` schedules, runs one forward pass over every scheduled sequence, samples the rows that
+need a token, and turns each new token into a RequestOutput: text delta through the incremental
+detokenizer, stop strings held back and cut, stop tokens, max_tokens and the context limit.
+Nothing here knows about threads or asyncio; AsyncEngine drives this from its own thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner, plan_kv_cache
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import Scheduler
+from engine.sequence import Request, Sequence, SequenceStatus
+from engine.stop import split_stream
+from engine.types import (
+    EngineError,
+    EngineOverloadedError,
+    EngineStats,
+    FinishReason,
+    PromptTooLongError,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from model.chatglm import ChatGLMForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def _default_detokenizer_factory(tokenizer: Any) -> Callable[[], Any]:
+    from model.detokenizer import IncrementalDetokenizer
+
+    return lambda: IncrementalDetokenizer(tokenizer)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: ChatGLMForCausalLM,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        detokenizer_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        config = config or EngineConfig()
+        config.validate()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        seq_length = model.config.seq_length
+        if config.max_model_len is not None and config.max_model_len > seq_length:
+            raise ValueError(
+                f"engine config max_model_len: {config.max_model_len} exceeds the model's "
+                f"seq_length {seq_length}"
+            )
+        self.kv_plan = plan_kv_cache(model, config)
+        wanted = config.max_model_len or seq_length
+        self.max_model_len = min(wanted, self.kv_plan.num_tokens)
+        if self.max_model_len < wanted:
+            log.warning(
+                "max_model_len %d clipped to the KV cache capacity of %d tokens",
+                wanted,
+                self.max_model_len,
+            )
+        self.block_manager = BlockManager(
+            self.kv_plan.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(model, config, self.kv_plan, self.max_model_len)
+        # padded rows of the output layer past the tokenizer's vocabulary are never sampled
+        tok_vocab = getattr(tokenizer, "vocab_size", None) or model.config.padded_vocab_size
+        self.vocab_size = min(tok_vocab, model.config.padded_vocab_size)
+        self.sampler = Sampler(self.vocab_size, seed=config.seed)
+        self.logits_device = model.transformer.output_layer.weight.device
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id = model.config.eos_token_id if eos is None else eos
+        self._new_detokenizer = detokenizer_factory or _default_detokenizer_factory(tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []
+        self._next_seq_id = 0
+        self._token_text: dict[int, str] = {}
+        self._stats = EngineStats(
+            kv_blocks_total=self.kv_plan.num_blocks, kv_capacity_tokens=self.kv_plan.num_tokens
+        )
+
+    # ---- capacity ----
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_plan.num_tokens
+
+    @property
+    def max_concurrent_seqs(self) -> int:
+        return self.config.max_num_seqs
+
+    def capacity_line(self) -> str:
+        full_ctx = self.kv_plan.num_tokens // self.max_model_len
+        return (
+            f"KV cache: {self.kv_plan.num_blocks} blocks x {self.kv_plan.block_size} tokens = "
+            f"{self.kv_plan.num_tokens} tokens ({self.kv_plan.bytes_total / 2**20:.1f} MiB "
+            f"{str(self.kv_plan.dtype).removeprefix('torch.')}, from {self.kv_plan.source}); "
+            f"max_model_len {self.max_model_len}; up to {self.config.max_num_seqs} concurrent "
+            f"sequences ({full_ctx} at full context); prefix caching "
+            f"{'on' if self.config.enable_prefix_caching else 'off'}"
+        )
+
+    # ---- requests ----
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check a request without changing any state; returns normalised params."""
+        if not isinstance(params, SamplingParams):
+            raise EngineError("sampling params must be a SamplingParams", param="params")
+
+        def bad(param: str, why: str) -> EngineError:
+            return EngineError(f"{param}: {why}", param=param)
+
+        if not prompt_ids:
+            raise bad("prompt", "the prompt has no tokens")
+        if any(not (0 <= t < self.vocab_size) for t in prompt_ids):
+            raise bad("prompt", f"token ids must be in [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(len(prompt_ids), self.max_model_len)
+        p = params
+        temp_ok = isinstance(p.temperature, int | float) and math.isfinite(p.temperature)
+        if not (temp_ok and p.temperature >= 0):
+            raise bad("temperature", "must be a finite number >= 0")
+        if not (0 < p.top_p <= 1):
+            raise bad("top_p", "must be in (0, 1]")
+        if p.top_k < -1:
+            raise bad("top_k", "must be >= 0 (0 or -1 = off)")
+        if not (p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)):
+            raise bad("repetition_penalty", "must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(p, name)
+            if not (-2.0 <= v <= 2.0):
+                raise bad(name, "must be in [-2, 2]")
+        if p.max_tokens is not None and p.max_tokens < 1:
+            raise bad("max_tokens", "must be >= 1")
+        if p.min_tokens < 0 or (p.max_tokens is not None and p.min_tokens > p.max_tokens):
+            raise bad("min_tokens", "must be >= 0 and <= max_tokens")
+        if not (1 <= p.n <= self.config.max_n):
+            raise bad("n", f"must be in [1, {self.config.max_n}]")
+        if p.logprobs is not None and not (0 <= p.logprobs <= self.config.max_logprobs):
+            raise bad("logprobs", f"must be in [0, {self.config.max_logprobs}]")
+        if p.seed is not None and not isinstance(p.seed, int):
+            raise bad("seed", "must be an integer")
+        stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
+        if any(not isinstance(s, str) for s in stop):
+            raise bad("stop", "must be a string or a list of strings")
+        stop = [s for s in stop if s]
+        if any(not isinstance(t, int) for t in p.stop_token_ids):
+            raise bad("stop_token_ids", "must be integers")
+        return dataclasses.replace(
+            p, stop=stop, stop_token_ids=list(p.stop_token_ids), top_k=max(p.top_k, 0)
+        )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        params = self.validate(prompt_ids, params)
+        if request_id in self.requests:
+            raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise EngineOverloadedError()
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        req = Request(request_id, list(prompt_ids), params, max_tokens)
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.logits_device).manual_seed(params.seed + i)
+            seq = Sequence(self._next_seq_id, req, i, gen, self._new_detokenizer())
+            self._next_seq_id += 1
+            if i > 0 and self.config.enable_prefix_caching:
+                seq.leader = req.seqs[0]
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; its final outputs come with the next step."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self._finish(seq, FinishReason.ABORT)
+                seq.pending_text = ""  # held-back text is dropped with the rest
+                self._pending.append(self._output(seq))
+        self._stats.requests_finished += 1
+        return True
+
+    def abort_all(self) -> None:
+        for rid in list(self.requests):
+            self.abort_request(rid)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ----
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        # prefill path first, then the batched single-token path
+        batch = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        batch += [s for s in sched.scheduled if s.num_new_tokens == 1]
+        for item in batch:
+            seq = item.seq
+            if not seq.admitted_once:
+                seq.admitted_once = True
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self._stats.prompt_tokens_total += seq.prompt_len
+                self._stats.prompt_tokens_cached += seq.num_computed_tokens
+        logits = self.runner.execute(batch)
+        sampling = [item for item in batch if item.samples]
+        result = self.sampler(logits, [self._sampling_row(item.seq) for item in sampling])
+
+        for item in batch:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += item.num_new_tokens
+            self._stats.prompt_tokens_computed += max(
+                0, min(seq.num_computed_tokens, seq.prompt_len) - start
+            )
+            self.block_manager.register_computed(seq)
+        now = time.monotonic()
+        for item, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
+            seq = item.seq
+            self._append_token(seq, token, lp, now)
+            outputs.append(self._output(seq))
+            if seq.is_finished and seq.request.finished:
+                self.requests.pop(seq.request_id, None)
+                self._stats.requests_finished += 1
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        ban: list[int] = []
+        if seq.num_output_tokens < p.min_tokens:
+            ban = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
+        return SamplingRow(p, seq.token_ids, seq.prompt_len, seq.generator, ban)
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = _piece_text(self.tokenizer, token_id)
+            self._token_text[token_id] = text
+        return text
+
+    def _append_token(self, seq: Sequence, token: int, lp: Any, now: float) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        seq.pending_ids.append(token)
+        self._stats.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self._stats.time_to_first_token_sum += now - seq.request.arrival_time
+            self._stats.time_to_first_token_count += 1
+        if lp is not None:
+            chosen, top = lp
+            seq.pending_logprobs.append(
+                TokenLogprob(
+                    token, self._text_of(token), chosen, [(t, self._text_of(t), v) for t, v in top]
+                )
+            )
+        n_out = seq.num_output_tokens
+        stops = p.stop if n_out > p.min_tokens else []
+        is_stop_token = n_out > p.min_tokens and (
+            token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos)
+        )
+        if is_stop_token:
+            text = seq.held_text + seq.detokenizer.flush()
+            emit, _, _ = split_stream(text, stops, final=True)
+            seq.pending_text += emit
+            seq.held_text = ""
+            self._finish(seq, FinishReason.STOP)
+            return
+        length = n_out >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len
+        text = seq.held_text + seq.detokenizer.push(token)
+        if length:
+            text += seq.detokenizer.flush()
+        emit, hold, stopped = split_stream(text, stops, final=length)
+        seq.pending_text += emit
+        seq.held_text = hold
+        if stopped:
+            self._finish(seq, FinishReason.STOP)
+        elif length:
+            self._finish(seq, FinishReason.LENGTH)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finished_time = time.monotonic()
+        n = seq.num_output_tokens
+        if seq.first_token_time is not None and n >= 2:
+            self._stats.time_per_output_token_sum += (seq.finished_time - seq.first_token_time) / (
+                n - 1
+            )
+            self._stats.time_per_output_token_count += 1
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        out = RequestOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            text=seq.pending_text,
+            token_ids=seq.pending_ids,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_output_tokens,
+            logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+            metrics=RequestMetrics(
+                seq.request.arrival_time,
+                seq.first_token_time,
+                seq.finished_time,
+                seq.num_cached_tokens,
+            )
+            if finished
+            else None,
+        )
+        seq.pending_text = ""
+        seq.pending_ids = []
+        seq.pending_logprobs = []
+        return out
+
+    # ---- introspection ----
+    def get_stats(self) -> EngineStats:
+        s = dataclasses.replace(self._stats)
+        s.waiting = len(self.scheduler.waiting)
+        s.running = len(self.scheduler.running)
+        s.kv_blocks_used = self.block_manager.num_used_blocks
+        s.num_preemptions = self.scheduler.num_preemptions
+        return s
+
+
+def _piece_text(tokenizer: Any, token_id: int) -> str:
+    """Display text of one token for logprobs (SentencePiece's ▁ as a space, bytes as chars)."""
+    try:
+        piece = tokenizer.id_to_piece(token_id)
+    except Exception:
+        return tokenizer.decode([token_id])
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        b = int(piece[3:5], 16)
+        return chr(b) if b < 0x80 else piece
+    return piece.replace("\u2581", " ")

@@ -1,0 +1,105 @@
+"""One generated continuation of a prompt (a request with n > 1 has n of them), and its request."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from engine.types import FinishReason, SamplingParams, TokenLogprob
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # effective: clipped to what the context leaves
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is SequenceStatus.FINISHED for s in self.seqs)
+
+
+class Sequence:
+    """Token ids (prompt + output so far), KV blocks, and streaming state of one choice."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        request: Request,
+        index: int,
+        generator: torch.Generator | None,
+        detokenizer: Any,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids: list[int] = list(request.prompt_ids)
+        self.prompt_len = len(request.prompt_ids)
+        self.status = SequenceStatus.WAITING
+        # KV state: tokens [0, num_computed_tokens) have K/V in block_table's blocks
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the leading full computed blocks
+        self.num_cached_tokens = 0  # prefix-cache hit at first admission
+        self.admitted_once = False
+        # n > 1: siblings wait for the first choice's prompt so they share its cached blocks
+        self.leader: Sequence | None = None
+        self.generator = generator
+        # output state
+        self.detokenizer = detokenizer
+        self.held_text = ""  # decoded text that might be the start of a stop string
+        self.finish_reason: FinishReason | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        # since the last output was sent
+        self.pending_text = ""
+        self.pending_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] = []
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+            f"blocks={len(self.block_table)})"
+        )

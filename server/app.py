@@ -1,0 +1,191 @@
+"""The app factory: routes, middleware, error shapes, and the model's life (lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
+
+from server.auth import ApiKeyAuth
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
+from server.routes_legacy import build_legacy_router
+from server.routes_openai import build_openai_router
+from server.routes_web import index_response, make_web_router
+from server.settings import Settings, engine_config, load_settings, resolve_device
+from server.state import ServerState
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def load_engine(settings: Settings) -> AsyncEngine:
+    """Load the model and build the engine (blocking; minutes for a real checkpoint)."""
+    from engine.async_engine import AsyncEngine
+
+    dtype = None if settings.dtype == "auto" else settings.dtype
+    devices = settings.devices or [f"cuda:{i}" for i in range(settings.num_gpus or 0)]
+    if settings.tensor_parallel_size > 1:  # every layer split over N processes
+        from engine.tp_worker import TPLoadSpec, start_tensor_parallel
+
+        started = start_tensor_parallel(
+            TPLoadSpec(settings.model, dtype), settings.tensor_parallel_size, devices or None
+        )
+        if started is None:  # a torchrun worker rank ends here (see cli.serve)
+            raise RuntimeError("load_engine called in a tensor-parallel worker rank")
+        model, tokenizer = started
+        return AsyncEngine(model, tokenizer, engine_config(settings))
+    if len(devices) > 1 or settings.device_map:  # layer split over several devices
+        from model.placement import load_placed
+
+        model, tokenizer, _plan = load_placed(
+            settings.model,
+            devices,
+            dtype=dtype,
+            quantize=settings.quantize,
+            device_map=settings.device_map,
+        )
+        return AsyncEngine(model, tokenizer, engine_config(settings))
+    device = devices[0] if devices else resolve_device(settings.device)
+    return AsyncEngine.from_pretrained(
+        settings.model,
+        dtype=dtype,
+        device=device,
+        quantize=settings.quantize,
+        config=engine_config(settings),
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(engine: AsyncEngine, settings: Settings, seconds: float) -> str:
+    """The start-up line: what was loaded, where, how big, and the KV capacity."""
+    parts = [
+        f"model {settings.model or '(embedded demo)'} served as {settings.served_model_name!r}"
+    ]
+    model = getattr(getattr(engine, "engine", None), "model", None)
+    if model is not None:
+        params = list(model.parameters()) + list(model.buffers())
+        count = sum(p.numel() for p in model.parameters())
+        size = sum(p.numel() * p.element_size() for p in params)
+        devices = sorted({str(p.device) for p in params})
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        parts.append(
+            f"{count / 1e6:.1f}M params, {_size(size)} {'/'.join(dtypes)} on {','.join(devices)}"
+        )
+    parts.append(
+        f"KV cache {getattr(engine, 'kv_capacity_tokens', '?')} tokens, "
+        f"max_model_len {engine.max_model_len}, "
+        f"up to {getattr(engine, 'max_concurrent_seqs', '?')} concurrent sequences"
+    )
+    parts.append(f"loaded in {seconds:.1f}s")
+    return "; ".join(parts)
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: AsyncEngine | None = None,
+    *,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """An app serving `engine`, or the model `settings` names (loaded once, at start-up).
+
+    The load runs in a thread started by the lifespan, so the port is open at once and /health
+    answers 503 until the model is in. `on_fatal` is told if the load fails (the CLI exits).
+    """
+    settings = settings or load_settings()
+    state = ServerState(settings=settings, engine=engine)
+    metrics = Metrics(lambda: state.engine.stats() if state.engine is not None else None)
+    auth = ApiKeyAuth(settings.api_key_values())
+
+    async def load() -> None:
+        start = time.perf_counter()
+        try:
+            loaded = await asyncio.to_thread(load_engine, settings)
+        except Exception as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.error("model load failed: %s", state.load_error, exc_info=True)
+            if on_fatal is not None:
+                on_fatal(e)
+            return
+        loaded.start()
+        state.engine, state.owns_engine = loaded, True
+        log.info("ready: %s", describe(loaded, settings, time.perf_counter() - start))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader: asyncio.Task | None = None
+        if state.engine is None:
+            loader = asyncio.create_task(load())
+        else:
+            state.engine.start()
+        try:
+            yield
+        finally:
+            state.draining = True
+            if loader is not None and not loader.done():
+                log.info("shutdown during model load: waiting for the load to end")
+                await asyncio.shield(loader)
+            if state.owns_engine and state.engine is not None:
+                await state.engine.shutdown(timeout=settings.shutdown_timeout)
+
+    app = FastAPI(
+        title="chatglm-serve",
+        version=VERSION,
+        description="ChatGLM2 behind an OpenAI-compatible API (and the seed's legacy POST /).",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(build_openai_router(state, metrics, auth))
+    app.include_router(build_legacy_router(state, auth))
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict:
+        state.ready_engine()  # 503 while loading, after a failed load, or when shutting down
+        return {"status": "ok", "model": settings.served_model_name}
+
+    metrics_deps = [] if settings.metrics_public else [Depends(auth)]
+
+    @app.get("/metrics", tags=["ops"], dependencies=metrics_deps)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # GET /: the web chat page for a browser when web_ui is on and the page is installed
+    # (server/routes_web.py), else a JSON pointer to /docs. POST / is the legacy API above.
+    app.include_router(make_web_router(settings.web_ui, serve_index=False))
+
+    @app.get("/", include_in_schema=False)
+    async def root(request: Request) -> Response:
+        return index_response(request, settings.web_ui)
+
+    # Outermost last: request id (on every answer) > CORS (preflights) > body size > JSON body.
+    app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

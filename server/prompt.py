@@ -1,0 +1,52 @@
+"""OpenAI chat messages -> ChatGLM2's (query, history), as the seed's openai_api.py builds them.
+
+ChatGLM2 has no system role: the seed prepends a leading system message to the final user query
+(plain concatenation, no separator) and pairs earlier user/assistant turns into history. We keep
+that, and make the irregular shapes real clients send well-defined instead of dropping history:
+consecutive messages of one side are joined with a newline, an assistant turn with no user turn
+before it pairs with an empty query, and a system message after the start is treated as user text.
+"""
+
+from __future__ import annotations
+
+from server.errors import APIError
+from server.protocol import ChatMessage
+
+
+def messages_to_chat(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
+    """-> (query, history) for ChatGLMTokenizer.encode_chat; APIError 400 if the last turn isn't user."""
+    if not messages or messages[-1].role != "user":
+        raise APIError(
+            400,
+            "The last message must have role 'user' (ChatGLM2 answers a user turn).",
+            code="invalid_value",
+            param="messages",
+        )
+    i = 0
+    system_parts: list[str] = []
+    while i < len(messages) and messages[i].role in ("system", "developer"):
+        system_parts.append(messages[i].text())
+        i += 1
+    system = "\n".join(system_parts)
+
+    # Fold the rest into alternating turns: ("user", text) / ("assistant", text).
+    turns: list[list[str]] = []
+    for m in messages[i:]:
+        side = "assistant" if m.role == "assistant" else "user"
+        if turns and turns[-1][0] == side:
+            turns[-1][1] += "\n" + m.text()
+        else:
+            turns.append([side, m.text()])
+
+    query = turns.pop()[
+        1
+    ]  # the last turn is the user's (checked above); turns now end in assistant
+    history: list[tuple[str, str]] = []
+    pending_user: str | None = None
+    for side, text in turns:
+        if side == "user":
+            pending_user = text
+        else:
+            history.append((pending_user or "", text))
+            pending_user = None
+    return system + query, history

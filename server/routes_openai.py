@@ -1,0 +1,347 @@
+"""/v1/chat/completions (JSON or SSE), /v1/models, and Next-Web's billing probes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from engine.types import (
+    EngineError,
+    PromptTooLongError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from server.auth import ApiKeyAuth
+from server.errors import APIError, from_engine_error
+from server.generation import ClientDisconnected, EngineStream, until_disconnect
+from server.metrics import Metrics
+from server.middleware import request_id
+from server.prompt import messages_to_chat
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    completion_id,
+    now,
+)
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+# ChatGLM2's own chat() defaults, used when a request leaves them out (OpenAI's are 1 and 1).
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.8
+# How long a streaming request may wait for the engine's first answer before its headers go out.
+FIRST_ANSWER_WAIT_S = 1.0
+CLIENT_CLOSED = 499  # nginx's "client closed request", only ever seen in our access log
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+
+def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
+    """A prompt must leave room for at least one reply token; else 400 naming both numbers."""
+    if prompt_tokens >= max_model_len:
+        raise from_engine_error(PromptTooLongError(prompt_tokens, max_model_len))
+
+
+def sampling_params(body: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
+    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    top_p = DEFAULT_TOP_P if body.top_p is None else body.top_p
+    if top_p == 0.0:  # nucleus of probability 0 = only the top token
+        temperature, top_p = 0.0, 1.0
+    max_tokens = body.reply_budget()
+    if max_tokens is None and body.max_length is not None:
+        max_tokens = max(1, body.max_length - prompt_tokens)
+    # Larger than what remains of the context is not an error: the engine clips it (finish
+    # "length"); None means up to the rest of the context.
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(0, body.top_k or 0),
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        stop=body.stop_list(),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        n=body.n,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+
+
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def logprobs_json(items: list[TokenLogprob]) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": lp.token,
+            "logprob": lp.logprob,
+            "bytes": _token_bytes(lp.token),
+            "top_logprobs": [
+                {"token": t, "logprob": p, "bytes": _token_bytes(t)} for _, t, p in lp.top
+            ],
+        }
+        for lp in items
+    ]
+
+
+class _Timing:
+    """TTFT and per-token latency of one request, into the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: float | None = None
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        t = time.perf_counter()
+        if self.last is None:
+            self.metrics.time_to_first_token.observe(t - self.start)
+        else:
+            per = (t - self.last) / count
+            for _ in range(count):
+                self.metrics.inter_token_latency.observe(per)
+        self.last = t
+
+    def done(self) -> None:
+        self.metrics.request_latency.observe(time.perf_counter() - self.start)
+
+
+def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) -> APIRouter:
+    settings = state.settings
+    router = APIRouter(dependencies=[Depends(auth)], responses=_ERRORS)
+
+    def answer_name(asked: str | None) -> str:
+        if settings.strict_model_name and asked not in settings.model_names():
+            raise APIError(
+                404,
+                f"The model {asked!r} does not exist; this server serves "
+                f"{', '.join(map(repr, settings.model_names()))}.",
+                code="model_not_found",
+                param="model",
+            )
+        return settings.served_model_name
+
+    @router.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(
+            data=[ModelCard(id=n, created=state.started) for n in settings.model_names()]
+        )
+
+    @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> ModelCard:
+        if model_id not in settings.model_names():
+            raise APIError(
+                404,
+                f"The model {model_id!r} does not exist.",
+                code="model_not_found",
+                param="model",
+            )
+        return ModelCard(id=model_id, created=state.started)
+
+    @router.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = state.ready_engine()
+        model = answer_name(body.model)
+        query, history = messages_to_chat(body.messages)
+        prompt_ids = engine.tokenizer.encode_chat(query, history)
+        check_prompt_fits(len(prompt_ids), engine.max_model_len)
+        params = sampling_params(body, len(prompt_ids))
+        cid = completion_id()
+        log.info(
+            "%s %s: %d prompt tokens, n=%d, max_tokens=%s, stream=%s",
+            request_id(request.scope),
+            cid,
+            len(prompt_ids),
+            params.n,
+            params.max_tokens,
+            body.stream,
+        )
+        stream = EngineStream(engine, prompt_ids, params, cid)
+        timing = _Timing(metrics)
+        if body.stream:
+            try:
+                await stream.open(FIRST_ANSWER_WAIT_S)
+            except EngineError as e:
+                await stream.close()
+                raise from_engine_error(e) from None
+            except BaseException:
+                await stream.close()
+                raise
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _sse_events(
+                stream, cid, model, len(prompt_ids), params.n, include_usage, timing
+            )
+            return EventSourceResponse(
+                events,
+                sep="\n",
+                send_timeout=60,
+                shutdown_grace_period=settings.shutdown_timeout,
+            )
+        try:
+            completion = await until_disconnect(
+                request, _complete(stream, cid, model, len(prompt_ids), params.n, timing)
+            )
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        except EngineError as e:
+            raise from_engine_error(e) from None
+        return JSONResponse(completion)
+
+    # ChatGPT-Next-Web's usage panel. We keep no money accounts: a clean 404 (token counts are in
+    # every response's `usage` and in /metrics).
+    @router.get("/dashboard/billing/subscription", include_in_schema=False)
+    @router.get("/dashboard/billing/usage", include_in_schema=False)
+    @router.get("/v1/dashboard/billing/subscription", include_in_schema=False)
+    @router.get("/v1/dashboard/billing/usage", include_in_schema=False)
+    async def billing() -> None:
+        raise APIError(
+            404,
+            "Billing is not provided by this server; token counts are in each response's "
+            "usage and in /metrics.",
+            code="not_supported",
+        )
+
+    return router
+
+
+async def _complete(
+    stream: EngineStream, cid: str, model: str, prompt_tokens: int, n: int, timing: _Timing
+) -> dict[str, Any]:
+    texts: list[list[str]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    completion_tokens = [0] * n
+    logprobs: list[list[dict[str, Any]] | None] = [None] * n
+    try:
+        async for out in stream.outputs():
+            timing.tokens(len(out.token_ids))
+            texts[out.index].append(out.text)
+            completion_tokens[out.index] = out.completion_tokens
+            if out.logprobs is not None:
+                logprobs[out.index] = (logprobs[out.index] or []) + logprobs_json(out.logprobs)
+            if out.finished:
+                finish[out.index] = _finish_reason(out)
+    finally:
+        await stream.close()
+        timing.done()
+    total = sum(completion_tokens)
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "finish_reason": finish[i],
+                "logprobs": None if logprobs[i] is None else {"content": logprobs[i]},
+            }
+            for i in range(n)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": total,
+            "total_tokens": prompt_tokens + total,
+        },
+    }
+
+
+def _finish_reason(out: RequestOutput) -> str | None:
+    return out.finish_reason.value if out.finish_reason is not None else None
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _sse_events(
+    stream: EngineStream,
+    cid: str,
+    model: str,
+    prompt_tokens: int,
+    n: int,
+    include_usage: bool,
+    timing: _Timing,
+) -> AsyncIterator[str]:
+    created = now()
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp=None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return _dumps(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                **usage_field,
+            }
+        )
+
+    completion_tokens = [0] * n
+    error: dict[str, Any] | None = None
+    try:
+        # The role first: the stream is open (headers sent) even while the request still queues.
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for out in stream.outputs():
+            timing.tokens(len(out.token_ids))
+            completion_tokens[out.index] = out.completion_tokens
+            lp = {"content": logprobs_json(out.logprobs)} if out.logprobs else None
+            if out.text or lp is not None:
+                yield chunk(out.index, {"content": out.text}, lp=lp)
+            if out.finished:
+                yield chunk(out.index, {}, _finish_reason(out))
+    except EngineError as e:
+        error = from_engine_error(e).body()
+    except Exception:
+        log.exception("%s: generation failed mid-stream", cid)
+        error = APIError(500, "Generation failed.", code="internal_error").body()
+    finally:
+        await stream.close()
+        timing.done()
+    if error is not None:
+        yield _dumps(error)
+    elif include_usage:
+        total = sum(completion_tokens)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": total,
+            "total_tokens": prompt_tokens + total,
+        }
+        yield _dumps(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+    yield "[DONE]"
