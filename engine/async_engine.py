@@ -127,7 +127,7 @@ class AsyncEngine:
             raise EngineError("the engine is shutting down", code="unavailable")
         params = self.engine.validate(prompt_ids, params)
         queued = self._stats.waiting + sum(1 for c in self._inbox if c[0] == "add")
-        if queued >= self.config.max_queue:
+        if queued >= self.engine.queue_limit(self._stats.running):
             raise EngineOverloadedError()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:

@@ -24,11 +24,14 @@ class EngineConfig:
     kv_cache_dtype: str | None = None  # None = the model's dtype
 
     max_model_len: int | None = None  # None = model seq_length, clipped to the KV capacity
-    max_queue: int = 1024  # waiting requests beyond this are refused (EngineOverloadedError)
+    # waiting sequences beyond this (and the free running slots) are refused (EngineOverloadedError)
+    max_queue: int = 1024
     enable_prefix_caching: bool = True
     max_n: int = 16  # largest accepted SamplingParams.n
     max_logprobs: int = 20  # largest accepted SamplingParams.logprobs
     seed: int = 0  # seeds the generator that unseeded requests draw from
+    # torch intra-op (OpenMP) threads for the forward pass; None = torch's default (all cores)
+    num_threads: int | None = None
 
     def validate(self) -> None:
         def refuse(name: str, why: str) -> None:
@@ -51,3 +54,5 @@ class EngineConfig:
             refuse("max_model_len", "must be >= 2")
         if self.max_queue < 1:
             refuse("max_queue", "must be >= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            refuse("num_threads", "must be >= 1")

@@ -152,8 +152,11 @@ class LLMEngine:
             raise bad("n", f"must be in [1, {self.config.max_n}]")
         if p.logprobs is not None and not (0 <= p.logprobs <= self.config.max_logprobs):
             raise bad("logprobs", f"must be in [0, {self.config.max_logprobs}]")
-        if p.seed is not None and not isinstance(p.seed, int):
-            raise bad("seed", "must be an integer")
+        # choice i seeds a torch.Generator with seed + i, which takes 64 bits (signed or not)
+        if p.seed is not None and not (
+            isinstance(p.seed, int) and -(2**63) <= p.seed <= 2**64 - p.n
+        ):
+            raise bad("seed", "must be a 64-bit integer")
         stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
         if any(not isinstance(s, str) for s in stop):
             raise bad("stop", "must be a string or a list of strings")
@@ -164,11 +167,17 @@ class LLMEngine:
             p, stop=stop, stop_token_ids=list(p.stop_token_ids), top_k=max(p.top_k, 0)
         )
 
+    def queue_limit(self, running: int) -> int:
+        """Sequences that may wait: max_queue, plus one per free running slot. A burst that arrives
+        between two steps waits for the next one even when it will run at once; without the free
+        slots, it would be refused (429) by an idle engine."""
+        return self.config.max_queue + max(0, self.config.max_num_seqs - running)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         params = self.validate(prompt_ids, params)
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
-        if len(self.scheduler.waiting) >= self.config.max_queue:
+        if len(self.scheduler.waiting) >= self.queue_limit(len(self.scheduler.running)):
             raise EngineOverloadedError()
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -117,6 +117,10 @@ def _load(name: str, sources: list[Path], headers: list[Path], verbose: bool, **
     tag = _fingerprint(sources + headers, flags)
     build_dir = cache_root() / f"{name}_{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        log.info(
+            "building %s in %s (first use on this machine; about half a minute)", name, build_dir
+        )
     try:
         return load(
             name=f"{name}_{tag}",

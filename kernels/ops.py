@@ -12,10 +12,10 @@ from torch import Tensor
 
 from kernels.build import cpu_kernels_or_none, load_cpu_kernels, load_cuda_kernels
 
-CPU_BLOCK = 32  # the CPU kernel quantizes activations per 32 channels; K and groups align to it
+CPU_BLOCK = 32  # the CPU kernel's unit: K, weight groups and activation blocks are multiples of it
 CPU_TILE = 16  # output rows per 512-bit vector
 
-_IMPL_IDS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512_vnni": 3}
+_IMPL_IDS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512_vnni": 3, "amx": 4}  # = the C++ enum
 
 
 def cpu_kernel_supports(k: int, group_size: int) -> bool:
@@ -72,20 +72,49 @@ def cpu_impls() -> list[str]:
     return list(ext.available_impls()) if ext is not None else []
 
 
+def activation_block(bits: int, group_size: int) -> int:
+    """Channels per activation scale in the CPU kernel.
+
+    int8 weights are accurate (~0.8% layer error), so activations keep fine 32-channel blocks.
+    int4 weights lose ~10%, so their activations may use blocks as wide as a weight group (up
+    to ACT_BLOCK_INT4_MAX): the kernel then rescales once per group instead of every 32
+    channels, which is what lets AMX run near its speed; wider than 128 would let one outlier
+    channel (real LLM activations have them) coarsen a whole row.
+    """
+    if bits == 8:
+        return CPU_BLOCK
+    block = min(group_size, ACT_BLOCK_INT4_MAX)
+    while group_size % block:
+        block -= CPU_BLOCK
+    return block
+
+
+ACT_BLOCK_INT4_MAX = 128
+
+
 def cpu_qmm(
-    x: Tensor, packed: Tensor, sw: Tensor, bits: int, group_size: int, n: int, impl: str = "auto"
+    x: Tensor,
+    packed: Tensor,
+    sw: Tensor,
+    bits: int,
+    group_size: int,
+    n: int,
+    impl: str = "auto",
+    act_block: int | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """x [B, K] (fp32/bf16) @ dequant(W)^T -> fp32 [B, n], activations quantized to int8 per
-    32 channels inside the kernel."""
+    """x [B, K] (fp32/bf16) @ dequant(W)^T -> fp32 [B, n]; the kernel quantizes activations to
+    int8 per `act_block` channels (default: activation_block(bits, group_size))."""
     ext = load_cpu_kernels()
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
-    return ext.qmm(x.contiguous(), packed, sw, bits, group_size, n, _IMPL_IDS[impl])
+    ablk = act_block or activation_block(bits, group_size)
+    return ext.qmm(x.contiguous(), packed, sw, bits, group_size, ablk, n, _IMPL_IDS[impl], bias)
 
 
-def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    """What the CPU kernel does to x, in PyTorch: -> (xq int8 [B, K], scale fp32 [B, K/32])."""
-    xb = x.float().unflatten(-1, (-1, CPU_BLOCK))
+def quantize_activations_reference(x: Tensor, block: int = CPU_BLOCK) -> tuple[Tensor, Tensor]:
+    """What the CPU kernel does to x: -> (xq int8 [B, K], scale fp32 [B, K/block])."""
+    xb = x.float().unflatten(-1, (-1, block))
     amax = xb.abs().amax(-1)
     scale = amax / 127.0
     # a true division as in C++ (a Python scalar / tensor is reciprocal-then-multiply in torch)
@@ -144,4 +173,6 @@ def cuda_dequantize(
     words: Tensor, scale: Tensor, bits: int, group_size: int, dtype: torch.dtype
 ) -> Tensor:
     """The full weight [N, K] in `dtype`, for prefill through cuBLAS."""
-    return load_cuda_kernels().dequantize(words, scale, bits, group_size, dtype)
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dequantize makes float16 or bfloat16, not {dtype}")
+    return load_cuda_kernels().dequantize(words, scale, bits, group_size, dtype == torch.bfloat16)

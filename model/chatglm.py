@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from model.attention import AttentionMetadata, kv_cache_shape, paged_attention
 from model.config import ChatGLMConfig, parse_dtype
+from model.packed_linear import PackedLinear, pack_linears
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        # half precision: normalise in fp32, round, then scale (as the seed and HF do)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -46,24 +48,30 @@ class RotaryEmbedding(nn.Module):
         exps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
         return 1.0 / (self.base**exps)
 
-    def cos_sin(self, positions: Tensor) -> Tensor:
-        """positions [T] -> [T, dim/2, 2] (cos, sin) in fp32."""
+    def rotation(self, positions: Tensor) -> Tensor:
+        """positions [T] -> [T, 1, dim/2] complex64 e^(i pos freq), one row per token."""
         if self._cache is None or self._cache.device != positions.device:
             t = torch.arange(self.max_positions, dtype=torch.float32, device=positions.device)
             freqs = torch.outer(t, self._inv_freq(positions.device))  # [P, dim/2]
-            self._cache = torch.stack([freqs.cos(), freqs.sin()], dim=-1)
-        return self._cache[positions]
+            # cos + i sin, computed once for every position (not per step or per layer)
+            self._cache = torch.polar(torch.ones_like(freqs), freqs)
+        return self._cache.index_select(0, positions).unsqueeze(1)
 
 
-def apply_rotary(x: Tensor, cos_sin: Tensor) -> Tensor:
-    """x [T, H, D]; rotate channels [0, rot) as pairs (2i, 2i+1); cos_sin [T, rot/2, 2]."""
-    rot = cos_sin.shape[-2] * 2
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    xr = x_rot.float().unflatten(-1, (-1, 2))  # [T, H, rot/2, 2]
-    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]  # [T, 1, rot/2]
-    x0, x1 = xr[..., 0], xr[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
-    return torch.cat([out.to(x.dtype), x_pass], dim=-1)
+def apply_rotary_(x: Tensor, rotation: Tensor) -> None:
+    """Rotate x [T, H, D] in place on channels [0, rot) taken as pairs (2i, 2i+1).
+
+    A pair (x0, x1) is the complex number x0 + i x1, so the rotation (x0 cos - x1 sin,
+    x1 cos + x0 sin) is one complex multiply by cos + i sin: one op instead of a dozen.
+    rotation: [T, 1, rot/2] complex64 (RotaryEmbedding.rotation); fp32 arithmetic throughout.
+    """
+    rot = rotation.shape[-1] * 2
+    part = x[..., :rot]
+    if part.dtype == torch.float32:
+        torch.view_as_complex(part.unflatten(-1, (-1, 2))).mul_(rotation)
+    else:
+        z = torch.view_as_complex(part.float().unflatten(-1, (-1, 2))) * rotation
+        part.copy_(torch.view_as_real(z).flatten(-2))
 
 
 class SelfAttention(nn.Module):
@@ -79,18 +87,18 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+        self, x: Tensor, rotation: Tensor, kv_cache: Tensor, meta: AttentionMetadata
     ) -> Tensor:
         T = x.shape[0]
-        qkv = self.query_key_value(x)  # [T, (Hq + 2 Hkv) D]
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos_sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos_sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.query_key_value(x)  # [T, (Hq + 2 Hkv) D], a fresh tensor we may rotate in place
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k are adjacent in qkv: rotate both heads' sets with one call
+        apply_rotary_(qkv[:, : (hq + hkv) * d].view(T, hq + hkv, d), rotation)
+        q = qkv[:, : hq * d].view(T, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+        v = qkv[:, (hq + hkv) * d :].view(T, hkv, d)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, Hq, D]
-        return self.dense(o.reshape(T, q_size))
+        return self.dense(o.reshape(T, hq * d))
 
 
 class MLP(nn.Module):
@@ -101,7 +109,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: silu(first half) * second
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(F.silu(gate).mul_(up))
 
 
 class GLMBlock(nn.Module):
@@ -113,10 +121,11 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+        self, x: Tensor, rotation: Tensor, kv_cache: Tensor, meta: AttentionMetadata
     ) -> Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # residual adds in place on the sublayers' fresh outputs (x itself is never written)
+        x = self.self_attention(self.input_layernorm(x), rotation, kv_cache, meta).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class Embedding(nn.Module):
@@ -166,22 +175,30 @@ class ChatGLMForCausalLM(nn.Module):
         """-> final hidden states [T, hidden] (normed); logits via compute_logits."""
         t = self.transformer
         x = t.embedding(input_ids.to(t.embedding.word_embeddings.weight.device))
-        cos_sin = t.rotary_pos_emb.cos_sin(positions)
+        rotation = t.rotary_pos_emb.rotation(positions)
         for layer, cache in zip(t.encoder.layers, kv_caches, strict=True):
             if x.device != cache.device:  # a layer-split boundary: move activations once
                 x = x.to(cache.device)
-            if cos_sin.device != cache.device:  # (inputs may come on another device)
-                cos_sin = cos_sin.to(cache.device)
+            if rotation.device != cache.device:  # (inputs may come on another device)
+                rotation = rotation.to(cache.device)
             if meta.slot_mapping.device != cache.device:
                 meta = meta.to(cache.device)
-            x = layer(x, cos_sin, cache, meta)
+            x = layer(x, rotation, cache, meta)
         norm = t.encoder.final_layernorm
         return norm(x.to(norm.weight.device))
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         head = self.transformer.output_layer
-        return head(hidden.to(head.weight.device)).float()
+        device = head.device if isinstance(head, PackedLinear) else head.weight.device
+        return head(hidden.to(device)).float()
+
+    def pack_for_cpu(self) -> list[str]:
+        """Reorder half-precision CPU linears for oneDNN (model/packed_linear.py); their names.
+
+        Inference only, and irreversible in place: call once the weights are final.
+        """
+        return pack_linears(self)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         # the KV heads this process holds (fewer than the config's under tensor parallel)

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 
 from server.auth import ApiKeyAuth
@@ -162,7 +162,7 @@ def create_app(
 
     metrics_deps = [] if settings.metrics_public else [Depends(auth)]
 
-    @app.get("/metrics", tags=["ops"], dependencies=metrics_deps)
+    @app.get("/metrics", tags=["ops"], dependencies=metrics_deps, response_class=PlainTextResponse)
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -188,4 +188,35 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.openapi = _documenting_our_400(app.openapi)
     return app
+
+
+def _documenting_our_400(generate: Callable[[], dict]) -> Callable[[], dict]:
+    """FastAPI documents invalid requests as 422 {"detail": [...]}; the error handlers answer 400
+    in OpenAI's shape, so the schema says that (clients and schema fuzzers read it)."""
+    fixed = False
+
+    def openapi() -> dict:
+        nonlocal fixed
+        schema = generate()  # built once, then cached by FastAPI
+        if not fixed:
+            error = {"$ref": "#/components/schemas/ErrorResponse"}
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    responses = op.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault(
+                            "400",
+                            {
+                                "description": "Invalid request",
+                                "content": {"application/json": {"schema": error}},
+                            },
+                        )
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            fixed = True
+        return schema
+
+    return openapi

@@ -15,9 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # --- requests -----------------------------------------------------------------------------------
 
 
+def _encodable(v: str) -> str:
+    """Text for the tokenizer. JSON may escape a lone UTF-16 surrogate ("\\ud800"): a Python str
+    but not UTF-8, which the tokenizer fails on (a 500); refused here as the client's error."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid Unicode at position {e.start} (a lone surrogate)") from None
+    return v
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _unicode(cls, v: str) -> str:
+        return _encodable(v)
 
 
 class ChatMessage(BaseModel):
@@ -37,6 +52,11 @@ class ChatMessage(BaseModel):
                         f"content part {i} has type {kind!r}; only 'text' parts are supported"
                     )
         return v
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v: Any) -> Any:
+        return _encodable(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         if self.content is None:
@@ -62,7 +82,7 @@ class ChatCompletionRequest(BaseModel):
     # The seed's openai_api.py took max_length (prompt + reply); kept for its clients.
     max_length: Annotated[int, Field(ge=1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -107,6 +127,19 @@ class LegacyRequest(BaseModel):
     max_length: int | None = None
     top_p: float | None = None
     temperature: float | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _unicode(cls, v: str) -> str:
+        return _encodable(v)
+
+    @field_validator("history")
+    @classmethod
+    def _unicode_history(cls, v: list[list[str]] | None) -> list[list[str]] | None:
+        for turn in v or []:
+            for text in turn:
+                _encodable(text)
+        return v
 
     @field_validator("max_length")
     @classmethod

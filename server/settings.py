@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV of a shared prompt prefix (a chat's earlier turns)."
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for the forward pass (torch intra-op); unset = torch's default "
+        "(one per core).",
+    )
 
     @field_validator("model_aliases", "devices", "cors_origins", "api_keys", mode="before")
     @classmethod
@@ -289,6 +295,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_model_len=settings.max_model_len,
         max_queue=settings.max_queue,
         enable_prefix_caching=settings.enable_prefix_caching,
+        num_threads=settings.threads,
     )
 
 

@@ -367,7 +367,7 @@ def test_logprobs(model, tokenizer, corpus):
 
 
 def test_requests_are_validated(model, tokenizer, corpus):
-    eng = make_engine(model, tokenizer, max_queue=2)
+    eng = make_engine(model, tokenizer, max_queue=2, max_num_seqs=1)
     p = prompts_of_lengths(tokenizer, corpus, [10])[0]
     bad = [
         dict(temperature=-1),
@@ -391,8 +391,9 @@ def test_requests_are_validated(model, tokenizer, corpus):
     with pytest.raises(EngineError):
         eng.add_request("a", p, SamplingParams())  # duplicate id
     eng.add_request("b", p, SamplingParams())
+    eng.add_request("c", p, SamplingParams())  # waits for the free running slot, not in the queue
     with pytest.raises(EngineOverloadedError):
-        eng.add_request("c", p, SamplingParams())
+        eng.add_request("d", p, SamplingParams())
     eng.abort_all()
     eng.step()
     assert_idle(eng)

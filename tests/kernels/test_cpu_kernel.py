@@ -41,10 +41,10 @@ def test_cuda_layout_round_trip(bits):
     assert torch.equal(ops.unpack_cuda(words, bits), q)
 
 
-def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    xq, xs = ops.quantize_activations_reference(x)
+def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    xq, xs = ops.quantize_activations_reference(x, block)
     b, k = x.shape
-    xd = (xq.double().view(b, -1, 32) * xs.double()[..., None]).view(b, k)
+    xd = (xq.double().view(b, -1, block) * xs.double()[..., None]).view(b, k)
     n, g = scale.shape
     wd = (q.double().view(n, g, -1) * scale.double()[..., None]).view(n, k)
     return xd @ wd.t()
@@ -55,18 +55,31 @@ def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 def test_each_isa_path_is_exact_on_layer_like_shapes(impl, bits):
     if impl not in ops.cpu_impls():
         pytest.skip("the CPU extension did not build here")
-    # K = 2816 (the medium model's ffn), N with a partial tile, groups 32 and per row
-    for n, k, group, batches in [(40, 2816, 128, (1, 7, 16)), (33, 1024, 1024, (2, 9, 64))]:
+    # K = 2816 (the medium model's ffn), N with a partial tile, groups of 128 and per row, and
+    # every activation block width the kernel takes (32-channel tiles and 64-channel AMX tiles)
+    cases = [
+        (40, 2816, 128, (32, 64, 128), (1, 7, 16)),
+        (33, 1024, 1024, (32, 256, 1024), (2, 9, 17)),
+        (16, 96, 96, (32, 96), (3, 20)),
+    ]
+    for n, k, group, blocks, batches in cases:
         q = _q(bits, n, k, n)
         scale = torch.rand(n, k // group) * 0.01
         packed, sw = ops.pack_cpu(q, scale, bits)
-        for batch in batches:
-            x = torch.randn(batch, k) * 3
-            for xin in (x, x.bfloat16()):
-                y = ops.cpu_qmm(xin, packed, sw, bits, group, n, impl)
-                torch.testing.assert_close(
-                    y.double(), _exact(xin.float(), q, scale), rtol=1e-5, atol=1e-4
-                )
+        for block in blocks:
+            for batch in batches:
+                x = torch.randn(batch, k) * 3
+                for xin in (x, x.bfloat16()):
+                    y = ops.cpu_qmm(xin, packed, sw, bits, group, n, impl, act_block=block)
+                    want = _exact(xin.float(), q, scale, block)
+                    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_activation_blocks():
+    assert ops.activation_block(8, 4096) == 32
+    assert ops.activation_block(4, 4096) == 128 and ops.activation_block(4, 32) == 32
+    assert ops.activation_block(4, 2816) == 128 and ops.activation_block(4, 96) == 96
+    assert ops.activation_block(4, 160) == 32  # the widest multiple of 32 dividing the group
 
 
 def test_kernel_rejects_bad_shapes():
@@ -78,6 +91,8 @@ def test_kernel_rejects_bad_shapes():
         ops.cpu_qmm(torch.randn(1, 48), packed, sw, 4, 32, 16)
     with pytest.raises(RuntimeError, match="groups"):
         ops.cpu_qmm(torch.randn(1, 64), packed, sw, 4, 64, 16)  # scales are for group 32
+    with pytest.raises(RuntimeError, match="activation block"):
+        ops.cpu_qmm(torch.randn(1, 64), packed, sw, 4, 32, 16, act_block=64)  # wider than a group
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.pack_cpu(torch.zeros(4, 40, dtype=torch.int8), torch.ones(4, 1), 4)
     assert not ops.cpu_kernel_supports(48, 48) and ops.cpu_kernel_supports(4096, 128)
@@ -90,6 +105,18 @@ def test_zero_rows_and_empty_batch():
     packed, sw = ops.pack_cpu(q, torch.ones(16, 1), 4)
     assert ops.cpu_qmm(torch.zeros(3, 64), packed, sw, 4, 64, 16).abs().max().item() == 0
     assert ops.cpu_qmm(torch.zeros(0, 64), packed, sw, 4, 64, 16).shape == (0, 16)
+
+
+def test_extension_builds_where_a_toolchain_exists():
+    """Every other kernel test skips without the extension: this one makes a broken build fail."""
+    try:
+        build._check_toolchain()
+    except build.KernelUnavailable as e:
+        pytest.skip(f"no toolchain here: {e}")
+    build.load_cpu_kernels()  # raises KernelUnavailable with the compiler's output
+    assert "scalar" in ops.cpu_impls()
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2"):
+        assert "avx2" in ops.cpu_impls()
 
 
 def test_build_is_cached_on_disk():

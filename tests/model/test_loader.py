@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -184,3 +185,34 @@ def test_reads_the_real_chatglm2_6b_config():
     assert cfg.quantization_bit == 0 and cfg.extra["original_rope"] is True
     int4 = ChatGLMConfig.from_dict({**REAL_6B_CONFIG, "quantization_bit": 4})
     assert int4.quantization_bit == 4
+
+
+def test_on_the_fly_int4_uses_groups_of_128_where_shapes_allow(tmp_path):
+    from model.chatglm import ChatGLMForCausalLM
+    from model.checkpoint import save_checkpoint
+    from model.quantize import quantized_modules
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(hidden_size=128, ffn_hidden_size=256, num_attention_heads=8)
+    save_checkpoint(ChatGLMForCausalLM.random(cfg, seed=1), cfg, tmp_path / "c")
+    grouped = load_checkpoint(tmp_path / "c", quantize=4)
+    assert {m.group_size for m in quantized_modules(grouped)} == {128}
+    row = load_checkpoint(tmp_path / "c", quantize=8)
+    assert len(quantized_modules(row)) == 4 * cfg.num_layers
+    assert all(m.group_size == m.in_features for m in quantized_modules(row))
+
+
+def test_int4_checkpoint_with_quantized_head_round_trips(tmp_path, tiny_model, tiny_cfg):
+    from model.checkpoint import save_checkpoint
+    from model.quantize import QuantSpec, quantize_model
+
+    src = tiny_model.__class__.random(tiny_cfg, seed=7, std=0.1)
+    quantize_model(src, QuantSpec(bits=4, group_size=32, quantize_output_layer=True))
+    cfg4 = dataclasses.replace(tiny_cfg, quantization_bit=4)
+    save_checkpoint(src, cfg4, tmp_path / "q", fmt="safetensors", shards=2)
+    loaded = load_checkpoint(tmp_path / "q")
+    assert hasattr(loaded.transformer.output_layer, "weight_scale")
+    ids = list(range(3, 40))
+    torch.testing.assert_close(
+        PagedRunner(loaded).step([(0, ids)]), PagedRunner(src).step([(0, ids)])
+    )

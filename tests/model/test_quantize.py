@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.ops import cpu_impls, quantize_activations_reference
+from kernels.ops import activation_block, cpu_impls, quantize_activations_reference
 from model.chatglm import ChatGLMForCausalLM
 from model.checkpoint import save_checkpoint
 from model.loader import load_checkpoint
@@ -76,6 +76,31 @@ def test_quantize_weight_is_the_seeds_symmetric_scheme(bits):
     torch.testing.assert_close(q.float(), torch.round(w / scale.float()).clamp(-qmax, qmax))
     err = (dequantize(q, scale) - w).abs()
     assert (err <= scale.float() / 2 + 1e-6).all()  # rounding error at most half a step
+
+
+def test_per_row_module_quantizes_exactly_as_the_seed():
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9))
+    lin = QuantLinear(64, 48, False, QuantSpec(4), from_checkpoint=False, name="t")
+    lin.load_weight("weight", w)
+    seed_scale = (w.abs().amax(1) / 7).half()
+    seed_q = torch.round(w / seed_scale.float()[:, None]).to(torch.int8)
+    assert torch.equal(lin.weight, pack_int4(seed_q)) and torch.equal(
+        lin.weight_scale[:, 0], seed_scale
+    )
+
+
+def test_int4_groups_use_all_sixteen_levels():
+    w = torch.tensor([[1.0, -2.0, 0.5, 0.25] * 8 + [-0.1, 0.3, 0.2, -0.4] * 8])
+    q, s = quantize_weight(w, 4, 32)
+    assert q[0, :32].min().item() == -8 and torch.equal(
+        q[0, 1:32:4], torch.full((8,), -8, dtype=torch.int8)
+    )
+    assert s.float()[0, 0].item() == 0.25 and s.float()[0, 1].item() == pytest.approx(
+        0.05, rel=1e-3
+    )
+    assert (
+        (dequantize(q, s) - w).abs() <= s.float().abs().repeat_interleave(32, 1) / 2 + 1e-6
+    ).all()
 
 
 def test_group_scales_lose_less_than_per_row():
@@ -158,10 +183,11 @@ def test_quantized_linear_matches_dequantized_reference(path, bits, group):
     assert (wd - w.double()).norm() / w.double().norm() < (0.15 if bits == 4 else 0.01)
     x = torch.randn(64, k, generator=g)
     ref = x.double() @ wd.t() + bias.double()
-    # The kernel quantizes activations to int8 per 32 channels: exact up to fp32 rounding against
-    # that, and within the int8 activation error of the weight-only reference.
-    xq, xs = quantize_activations_reference(x)
-    xd = (xq.double().view(64, -1, 32) * xs.double()[..., None]).view(64, k)
+    # The kernel quantizes activations to int8 per block of channels: exact up to fp32 rounding
+    # against that, and within the int8 activation error of the weight-only reference.
+    blk = activation_block(bits, lin.group_size)
+    xq, xs = quantize_activations_reference(x, blk)
+    xd = (xq.double().view(64, -1, blk) * xs.double()[..., None]).view(64, k)
     exact = xd @ wd.t() + bias.double()
     for batch in range(1, 65):
         y = lin(x[:batch])
@@ -323,9 +349,9 @@ def test_spec_validation():
 
 
 def test_without_the_cpu_extension_falls_back_to_torch(monkeypatch):
-    import kernels.build
+    import model.quantize
 
-    monkeypatch.setattr(kernels.build, "cpu_kernels_or_none", lambda: None)
+    monkeypatch.setattr(model.quantize, "cpu_kernels_or_none", lambda: None)
     lin = QuantLinear(64, 32, False, QuantSpec(4), from_checkpoint=False, name="nokernel")
     w = torch.randn(32, 64)
     lin.load_weight("weight", w)

@@ -1,25 +1,27 @@
 // Weight-only int4/int8 matmul on the CPU: y[B, N] = x[B, K] @ (q[N, K] * scale)^T.
 //
-// Why our own kernel: PyTorch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` are fast at
-// batch 1 but their time grows with every extra row (they re-dequantize the weight per row), so
-// continuous batching would lose its advantage after quantization. Here the activations are
-// quantized to int8 per 32-channel block (as llama.cpp's q8_0) and each 64-byte weight chunk is
-// unpacked once per group of batch rows and multiplied with VNNI `vpdpbusd` (64 int8 MACs per
-// instruction), so a batch of 16 costs far less than 16 batch-1 calls.
+// Why our own kernel: PyTorch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` re-dequantize
+// the weight for every activation row, so their time grows with the batch and continuous
+// batching would lose its advantage after quantization. Here the activations are quantized to
+// int8 (one scale per `ablk` channels of a row) and multiplied in integers: each weight byte is
+// unpacked once per group of batch rows, then AVX-512 VNNI `vpdpbusd` (64 MACs per instruction)
+// or, from a few rows on, AMX `tdpbsud` (16x16x64 MACs per instruction) does the arithmetic.
 //
 // Packed layout (built by kernels/ops.py; N padded to a multiple of 16, K a multiple of 32):
 //   tiles of 16 output rows; tile t is K/8 (int4) or K/4 (int8) chunks of 64 bytes each.
 //   int4 chunk c: byte r*4+j holds u(r, 8c+j) in the low nibble and u(r, 8c+4+j) in the high one,
 //                 u = q + 8 (0..15).
 //   int8 chunk c: byte r*4+j holds u(r, 4c+j) = q + 128 (1..255).
-//   So one 512-bit lane = one output row and four consecutive k: exactly vpdpbusd's shape.
+//   So one 512-bit lane = one output row and four consecutive k: vpdpbusd's shape, and 8 such
+//   rows (32 k) are exactly an AMX B tile.
 // Scales: fp32 [K/group, N_pad]; group is a multiple of 32 (per-row scale: group = K).
+// Activation blocks: `ablk` divides `group` (one weight scale per block) and is a multiple of 32.
 // The unsigned offset is undone per activation block: each block's int32 accumulator starts at
 // -offset * sum(xq over the block), so no per-weight correction is needed.
 //
-// Three implementations with the same arithmetic, picked at run time by CPU features (the
-// binary is built for the baseline ISA; the fast paths use per-function target attributes):
-//   avx512_vnni (vpdpbusd), avx2 (vpmaddubsw + vpmaddwd), scalar (portable, also non-x86).
+// Implementations with the same arithmetic, picked at run time by CPU features (the binary is
+// built for the baseline ISA; the fast paths use per-function target attributes):
+//   amx, avx512_vnni, avx2 (vpmaddubsw + vpmaddwd), scalar (portable, also non-x86).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -31,7 +33,13 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define QM_X86 1
 #else
@@ -41,21 +49,25 @@
 namespace {
 
 constexpr int kTileRows = 16;
-constexpr int kBlock = 32;  // activation quantization block (k channels)
+constexpr int kMinBlock = 32;  // activation blocks and weight groups are multiples of this
 
-enum Impl : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
+enum Impl : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3, kAmx = 4 };
 
 struct Problem {
   const uint8_t* w;   // packed weight
   const float* sw;    // [G, npad]
-  int64_t npad, n, K, group, B;
-  const int8_t* xq;   // [B, K]
-  const float* xs;    // [B, nblk]
-  const int32_t* xc;  // [B, nblk], -offset * sum(xq in block)
-  int64_t nblk;
+  int64_t npad, n, K, group, ablk, B;
+  const int8_t* xq;   // [B (padded to 16 for AMX), K]
+  const float* xs;    // [B, nblk] activation scale per block
+  const int32_t* xc;  // [B, nblk] -offset * sum(xq in block)
+  int64_t nblk;       // K / ablk
   float* y;           // [B, n]
   bool int4;
   int64_t tile_bytes() const { return int4 ? K * 8 : K * 16; }
+  int64_t block_bytes() const { return int4 ? ablk * 8 : ablk * 16; }  // one block, one tile
+  const float* scale_of_block(int64_t blk, int64_t t) const {
+    return sw + (blk * ablk / group) * npad + t * kTileRows;
+  }
 };
 
 inline int32_t load4(const int8_t* p) {
@@ -66,24 +78,25 @@ inline int32_t load4(const int8_t* p) {
 
 // ---------------------------------------------------------------- activation quantization
 template <typename T>
-void quantize_rows(const T* x, int64_t B, int64_t K, int32_t offset, int8_t* xq, float* xs,
-                   int32_t* xc) {
-  const int64_t nblk = K / kBlock;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+void quantize_rows(const T* x, int64_t B, int64_t K, int64_t ablk, int32_t offset, int8_t* xq,
+                   float* xs, int32_t* xc) {
+  const int64_t nblk = K / ablk;
+  // rows of at least ~32K values per thread: a fork/join costs more than quantizing fewer
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / K), [&](int64_t b0, int64_t b1) {
+    std::vector<float> v(ablk);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const T* src = x + b * K + blk * kBlock;
-        float v[kBlock];
+        const T* src = x + b * K + blk * ablk;
         float amax = 0.f;
-        for (int i = 0; i < kBlock; ++i) {
+        for (int64_t i = 0; i < ablk; ++i) {
           v[i] = static_cast<float>(src[i]);
           amax = std::max(amax, std::fabs(v[i]));
         }
         const float scale = amax / 127.f;
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
         int32_t sum = 0;
-        int8_t* dst = xq + b * K + blk * kBlock;
-        for (int i = 0; i < kBlock; ++i) {
+        int8_t* dst = xq + b * K + blk * ablk;
+        for (int64_t i = 0; i < ablk; ++i) {
           float r = std::nearbyint(v[i] * inv);
           r = std::min(127.f, std::max(-127.f, r));
           dst[i] = static_cast<int8_t>(r);
@@ -99,30 +112,25 @@ void quantize_rows(const T* x, int64_t B, int64_t K, int32_t offset, int8_t* xq,
 // ---------------------------------------------------------------- scalar (portable)
 void tile_scalar(const Problem& p, int64_t t, int64_t b0, int nb) {
   const uint8_t* w = p.w + t * p.tile_bytes();
-  const int64_t bpg = p.group / kBlock;
   const int ncols = static_cast<int>(std::min<int64_t>(kTileRows, p.n - t * kTileRows));
   for (int r = 0; r < ncols; ++r) {
     for (int b = 0; b < nb; ++b) {
       const int8_t* xq = p.xq + (b0 + b) * p.K;
       float accf = 0.f;
-      for (int64_t g = 0; g < p.K / p.group; ++g) {
-        float accg = 0.f;
-        for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
-          int32_t acc = p.xc[(b0 + b) * p.nblk + blk];
-          for (int64_t k = blk * kBlock; k < (blk + 1) * kBlock; ++k) {
-            int32_t u;
-            if (p.int4) {
-              const int64_t c = k / 8, kk = k % 8;
-              const uint8_t byte = w[c * 64 + r * 4 + (kk & 3)];
-              u = kk < 4 ? (byte & 0x0F) : (byte >> 4);
-            } else {
-              u = w[(k / 4) * 64 + r * 4 + (k & 3)];
-            }
-            acc += u * static_cast<int32_t>(xq[k]);
+      for (int64_t blk = 0; blk < p.nblk; ++blk) {
+        int32_t acc = p.xc[(b0 + b) * p.nblk + blk];
+        for (int64_t k = blk * p.ablk; k < (blk + 1) * p.ablk; ++k) {
+          int32_t u;
+          if (p.int4) {
+            const uint8_t byte = w[(k / 8) * 64 + r * 4 + (k % 8 & 3)];
+            u = k % 8 < 4 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            u = w[(k / 4) * 64 + r * 4 + (k & 3)];
           }
-          accg = std::fma(static_cast<float>(acc), p.xs[(b0 + b) * p.nblk + blk], accg);
+          acc += u * static_cast<int32_t>(xq[k]);
         }
-        accf = std::fma(accg, p.sw[g * p.npad + t * kTileRows + r], accf);
+        const float s = p.xs[(b0 + b) * p.nblk + blk] * p.scale_of_block(blk, t)[r];
+        accf = std::fma(static_cast<float>(acc), s, accf);
       }
       p.y[(b0 + b) * p.n + t * kTileRows + r] = accf;
     }
@@ -135,7 +143,6 @@ template <int NB, bool kInt4>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Problem& p, int64_t t,
                                                                          int64_t b0) {
   const uint8_t* w = p.w + t * p.tile_bytes();
-  const int64_t bpg = p.group / kBlock;
   const int64_t K = p.K;
   const int8_t* xq = p.xq + b0 * K;
   const float* xs = p.xs + b0 * p.nblk;
@@ -143,41 +150,32 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
   const __m512i m0f = _mm512_set1_epi8(0x0F);
   __m512 accf[NB];
   for (int b = 0; b < NB; ++b) accf[b] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / p.group; ++g) {
-    __m512 accg[NB];
-    for (int b = 0; b < NB; ++b) accg[b] = _mm512_setzero_ps();
-    for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
-      __m512i acc[NB];
-      for (int b = 0; b < NB; ++b) acc[b] = _mm512_set1_epi32(xc[b * p.nblk + blk]);
-      const int8_t* xb = xq + blk * kBlock;
-      if constexpr (kInt4) {
-        const uint8_t* wb = w + blk * 256;
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {
-          const __m512i v = _mm512_loadu_si512(wb + c * 64);
-          const __m512i lo = _mm512_and_si512(v, m0f);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-          for (int b = 0; b < NB; ++b) {
-            acc[b] = _mm512_dpbusd_epi32(acc[b], lo, _mm512_set1_epi32(load4(xb + b * K + c * 8)));
-            acc[b] =
-                _mm512_dpbusd_epi32(acc[b], hi, _mm512_set1_epi32(load4(xb + b * K + c * 8 + 4)));
-          }
-        }
-      } else {
-        const uint8_t* wb = w + blk * 512;
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; ++c) {
-          const __m512i v = _mm512_loadu_si512(wb + c * 64);
-          for (int b = 0; b < NB; ++b)
-            acc[b] = _mm512_dpbusd_epi32(acc[b], v, _mm512_set1_epi32(load4(xb + b * K + c * 4)));
+  for (int64_t blk = 0; blk < p.nblk; ++blk) {
+    __m512i acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_set1_epi32(xc[b * p.nblk + blk]);
+    const uint8_t* wb = w + blk * p.block_bytes();
+    const int8_t* xb = xq + blk * p.ablk;
+    if constexpr (kInt4) {
+      for (int64_t c = 0; c < p.ablk / 8; ++c) {
+        const __m512i v = _mm512_loadu_si512(wb + c * 64);
+        const __m512i lo = _mm512_and_si512(v, m0f);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+        for (int b = 0; b < NB; ++b) {
+          acc[b] = _mm512_dpbusd_epi32(acc[b], lo, _mm512_set1_epi32(load4(xb + b * K + c * 8)));
+          acc[b] = _mm512_dpbusd_epi32(acc[b], hi, _mm512_set1_epi32(load4(xb + b * K + c * 8 + 4)));
         }
       }
-      for (int b = 0; b < NB; ++b)
-        accg[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]), _mm512_set1_ps(xs[b * p.nblk + blk]),
-                                  accg[b]);
+    } else {
+      for (int64_t c = 0; c < p.ablk / 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(wb + c * 64);
+        for (int b = 0; b < NB; ++b)
+          acc[b] = _mm512_dpbusd_epi32(acc[b], v, _mm512_set1_epi32(load4(xb + b * K + c * 4)));
+      }
     }
-    const __m512 s = _mm512_loadu_ps(p.sw + g * p.npad + t * kTileRows);
-    for (int b = 0; b < NB; ++b) accf[b] = _mm512_fmadd_ps(accg[b], s, accf[b]);
+    const __m512 s = _mm512_loadu_ps(p.scale_of_block(blk, t));
+    for (int b = 0; b < NB; ++b)
+      accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]),
+                                _mm512_mul_ps(s, _mm512_set1_ps(xs[b * p.nblk + blk])), accf[b]);
   }
   const int64_t ncols = std::min<int64_t>(kTileRows, p.n - t * kTileRows);
   const __mmask16 mask = static_cast<__mmask16>((1u << ncols) - 1u);
@@ -192,7 +190,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
 template <int NB, bool kInt4>
 __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t t, int64_t b0) {
   const uint8_t* w = p.w + t * p.tile_bytes();
-  const int64_t bpg = p.group / kBlock;
   const int64_t K = p.K;
   const int8_t* xq = p.xq + b0 * K;
   const float* xs = p.xs + b0 * p.nblk;
@@ -202,57 +199,47 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t t, 
   const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256 accf[NB][2];
   for (int b = 0; b < NB; ++b) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / p.group; ++g) {
-    __m256 accg[NB][2];
-    for (int b = 0; b < NB; ++b) accg[b][0] = accg[b][1] = _mm256_setzero_ps();
-    for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
-      __m256i acc[NB][2];
-      for (int b = 0; b < NB; ++b)
-        acc[b][0] = acc[b][1] =
-            kInt4 ? _mm256_set1_epi32(xc[b * p.nblk + blk]) : _mm256_setzero_si256();
-      const int8_t* xb = xq + blk * kBlock;
-      if constexpr (kInt4) {
-        const uint8_t* wb = w + blk * 256;
-        for (int c = 0; c < 4; ++c) {
-          for (int h = 0; h < 2; ++h) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-            const __m256i lo = _mm256_and_si256(v, m0f);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
-            for (int b = 0; b < NB; ++b) {
-              const __m256i xl = _mm256_set1_epi32(load4(xb + b * K + c * 8));
-              const __m256i xh = _mm256_set1_epi32(load4(xb + b * K + c * 8 + 4));
-              const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
-                                                 _mm256_maddubs_epi16(hi, xh));
-              acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(s, ones));
-            }
-          }
-        }
-      } else {
-        const uint8_t* wb = w + blk * 512;
-        for (int c = 0; c < 8; ++c) {
-          for (int h = 0; h < 2; ++h) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-            const __m256i ws = _mm256_xor_si256(v, bias);  // back to signed q
-            const __m256i wa = _mm256_sign_epi8(ws, ws);   // |q| as u8
-            for (int b = 0; b < NB; ++b) {
-              const __m256i xv = _mm256_set1_epi32(load4(xb + b * K + c * 4));
-              const __m256i s = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, ws));
-              acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(s, ones));
-            }
+  for (int64_t blk = 0; blk < p.nblk; ++blk) {
+    __m256i acc[NB][2];
+    for (int b = 0; b < NB; ++b)
+      acc[b][0] = acc[b][1] = kInt4 ? _mm256_set1_epi32(xc[b * p.nblk + blk]) : _mm256_setzero_si256();
+    const uint8_t* wb = w + blk * p.block_bytes();
+    const int8_t* xb = xq + blk * p.ablk;
+    if constexpr (kInt4) {
+      for (int64_t c = 0; c < p.ablk / 8; ++c) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(v, m0f);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+          for (int b = 0; b < NB; ++b) {
+            const __m256i xl = _mm256_set1_epi32(load4(xb + b * K + c * 8));
+            const __m256i xh = _mm256_set1_epi32(load4(xb + b * K + c * 8 + 4));
+            const __m256i s =
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+            acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(s, ones));
           }
         }
       }
-      for (int b = 0; b < NB; ++b) {
-        const __m256 sx = _mm256_set1_ps(xs[b * p.nblk + blk]);
-        for (int h = 0; h < 2; ++h)
-          accg[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[b][h]), sx, accg[b][h]);
+    } else {
+      for (int64_t c = 0; c < p.ablk / 4; ++c) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+          const __m256i ws = _mm256_xor_si256(v, bias);  // back to signed q
+          const __m256i wa = _mm256_sign_epi8(ws, ws);   // |q| as u8
+          for (int b = 0; b < NB; ++b) {
+            const __m256i xv = _mm256_set1_epi32(load4(xb + b * K + c * 4));
+            const __m256i s = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, ws));
+            acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(s, ones));
+          }
+        }
       }
     }
-    const float* s = p.sw + g * p.npad + t * kTileRows;
-    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    const float* sp = p.scale_of_block(blk, t);
+    const __m256 s0 = _mm256_loadu_ps(sp), s1 = _mm256_loadu_ps(sp + 8);
     for (int b = 0; b < NB; ++b) {
-      accf[b][0] = _mm256_fmadd_ps(accg[b][0], s0, accf[b][0]);
-      accf[b][1] = _mm256_fmadd_ps(accg[b][1], s1, accf[b][1]);
+      const __m256 sx = _mm256_set1_ps(xs[b * p.nblk + blk]);
+      accf[b][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[b][0]), _mm256_mul_ps(s0, sx), accf[b][0]);
+      accf[b][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[b][1]), _mm256_mul_ps(s1, sx), accf[b][1]);
     }
   }
   const int64_t ncols = std::min<int64_t>(kTileRows, p.n - t * kTileRows);
@@ -270,6 +257,128 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t t, 
   }
 }
 
+// ---------------------------------------------------------------- AMX (int8 tiles)
+// TDPBSUD multiplies 16 activation rows x kt channels (tile A, read in place from the quantized
+// activations) by the same channels of 16 weight rows (tile B: kt/4 rows of 64 bytes, which is
+// our chunk layout: int4 unpacked to bytes in L1 first, int8 read in place) into a
+// 16x16 int32 tile C. C sums a whole activation block before it is stored and rescaled on
+// AVX-512; that rescale is the cost AMX cannot hide, which is why int4 uses blocks as wide as
+// its weight groups (see kernels/ops.py) and per-32 blocks are kept for int8.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr int kAmxGroup = 4;  // activation blocks in flight (C tiles tmm4-7)
+
+// Packed int4 chunks [c0, c1) of a tile -> dst, one byte per value (2 rows of 64 per chunk).
+__attribute__((target("avx512f,avx512bw"))) void unpack_int4(const uint8_t* src, int64_t c0,
+                                                             int64_t c1, uint8_t* dst) {
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  for (int64_t c = c0; c < c1; ++c) {
+    const __m512i v = _mm512_loadu_si512(src + c * 64);
+    _mm512_store_si512(dst + (2 * (c - c0)) * 64, _mm512_and_si512(v, m0f));
+    _mm512_store_si512(dst + (2 * (c - c0) + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+  }
+  asm volatile("" ::: "memory");  // the tile loads that read dst are asm the compiler cannot see
+}
+
+template <bool kInt4>
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni"))) void amx_tiles(
+    const Problem& p, int64_t t0, int64_t t1) {
+  const int64_t K = p.K, nblk = p.nblk;
+  const int kt = p.ablk % 64 == 0 ? 64 : 32;  // k per tile multiply
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int i = 0; i < 2; ++i) cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(kt);  // A
+  for (int i = 2; i < 4; ++i) cfg.rows[i] = static_cast<uint8_t>(kt / 4), cfg.colsb[i] = 64;  // B
+  for (int i = 4; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;  // C: 16 x 16 int32
+  _tile_loadconfig(&cfg);
+  // int4 weights are unpacked to one byte per value (in k order, so B tiles are contiguous).
+  // One batch tile (B <= 16): unpack a slab of kAmxGroup blocks at a time, which stays in L1.
+  // More: unpack the whole 16-row tile once (K * 16 bytes) and let every batch tile reuse it.
+  const bool slabs = p.B <= 16;
+  const int64_t slab_k = kAmxGroup * p.ablk;
+  std::vector<uint8_t> wstore(kInt4 ? (slabs ? slab_k : K) * 16 + 64 : 0);
+  uint8_t* wbuf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wstore.data()) + 63) &
+                                             ~static_cast<uintptr_t>(63));
+  alignas(64) int32_t cbuf[kAmxGroup][16 * 16];
+  const int64_t steps = p.ablk / kt;  // tile multiplies per activation block
+  auto unpack = [wbuf](const uint8_t* src, int64_t c0, int64_t c1) { unpack_int4(src, c0, c1, wbuf); };
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt = p.w + t * p.tile_bytes();
+    const uint8_t* w = wt;  // B rows of k = 0 are at w; k advances 16 bytes per k
+    if (kInt4 && !slabs) {
+      unpack(wt, 0, K / 8);
+      w = wbuf;
+    }
+    const int64_t ncols = std::min<int64_t>(kTileRows, p.n - t * kTileRows);
+    const __mmask16 mask = static_cast<__mmask16>((1u << ncols) - 1u);
+    for (int64_t b0 = 0; b0 < p.B; b0 += 16) {
+      const int M = static_cast<int>(std::min<int64_t>(16, p.B - b0));
+      const int8_t* xa = p.xq + b0 * K;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int m = 0; m < 16; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t blk0 = 0; blk0 < nblk; blk0 += kAmxGroup) {
+        const int nb = static_cast<int>(std::min<int64_t>(kAmxGroup, nblk - blk0));
+        int64_t wk0 = 0;  // the k that w's first byte row holds
+        if (kInt4 && slabs) {
+          wk0 = blk0 * p.ablk;
+          unpack(wt, wk0 / 8, (wk0 + nb * p.ablk) / 8);
+          w = wbuf;
+        }
+#define CHATGLM_AMX_BLOCK(J, C)                                         \
+  if (J < nb) {                                                         \
+    _tile_zero(C);                                                      \
+    const int64_t k0 = (blk0 + J) * p.ablk;                             \
+    for (int64_t s = 0; s < steps; s += 2) {                            \
+      _tile_loadd(0, xa + k0 + s * kt, K);                              \
+      _tile_loadd(2, w + (k0 - wk0 + s * kt) * 16, 64);                 \
+      _tile_dpbsud(C, 0, 2);                                            \
+      if (s + 1 < steps) {                                              \
+        _tile_loadd(1, xa + k0 + (s + 1) * kt, K);                      \
+        _tile_loadd(3, w + (k0 - wk0 + (s + 1) * kt) * 16, 64);         \
+        _tile_dpbsud(C, 1, 3);                                          \
+      }                                                                 \
+    }                                                                   \
+  }
+        CHATGLM_AMX_BLOCK(0, 4)
+        CHATGLM_AMX_BLOCK(1, 5)
+        CHATGLM_AMX_BLOCK(2, 6)
+        CHATGLM_AMX_BLOCK(3, 7)
+#undef CHATGLM_AMX_BLOCK
+        _tile_stored(4, cbuf[0], 64);
+        if (nb > 1) _tile_stored(5, cbuf[1], 64);
+        if (nb > 2) _tile_stored(6, cbuf[2], 64);
+        if (nb > 3) _tile_stored(7, cbuf[3], 64);
+        for (int j = 0; j < nb; ++j) {
+          const int64_t blk = blk0 + j;
+          const __m512 s = _mm512_loadu_ps(p.scale_of_block(blk, t));
+          const int32_t* xc = p.xc + b0 * nblk + blk;
+          const float* xs = p.xs + b0 * nblk + blk;
+#pragma GCC unroll 16
+          for (int m = 0; m < 16; ++m) {
+            if (m < M) {
+              const __m512i c =
+                  _mm512_add_epi32(_mm512_load_si512(cbuf[j] + m * 16), _mm512_set1_epi32(xc[m * nblk]));
+              acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(s, _mm512_set1_ps(xs[m * nblk])),
+                                       acc[m]);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < 16; ++m)
+        if (m < M) _mm512_mask_storeu_ps(p.y + (b0 + m) * p.n + t * kTileRows, mask, acc[m]);
+    }
+  }
+  _tile_release();
+}
+
 template <bool kInt4, int NB>
 void run_avx512(const Problem& p, int64_t t, int64_t b0, int nb) {
   if constexpr (NB > 1) {
@@ -285,33 +394,58 @@ void run_avx2(const Problem& p, int64_t t, int64_t b0, int nb) {
   }
   tile_avx2<NB, kInt4>(p, t, b0);
 }
+
+// AMX needs the CPU bits and, on Linux, the kernel's permission to use the tile state.
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 24)) || !(d & (1u << 25))) return false;  // AMX-TILE, AMX-INT8
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
 #endif  // QM_X86
 
-// Batch rows per pass: all accumulators must stay in registers (32 zmm: 3 per row + 4 fixed;
-// 16 ymm for AVX2: 6 per row + 3 fixed).
+// Batch rows per pass: all accumulators must stay in registers (32 zmm: 2 per row + 4 fixed;
+// 16 ymm for AVX2: 4 per row + 5 fixed).
 constexpr int kNbAvx512 = 8;
 constexpr int kNbAvx2 = 2;
 
 bool cpu_has(const char* feature) {
 #if QM_X86
   __builtin_cpu_init();
-  if (std::strcmp(feature, "avx512_vnni") == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vnni");
+  if (std::strcmp(feature, "amx") == 0) return avx512 && amx_usable();
+  if (std::strcmp(feature, "avx512_vnni") == 0) return avx512;
   if (std::strcmp(feature, "avx2") == 0)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return std::strcmp(feature, "scalar") == 0;
 }
 
-int64_t resolve_impl(int64_t impl) {
+// From how many batch rows AMX beats AVX-512 VNNI, measured on one core (bench/quant_bench.py
+// --section shapes --threads 1; int4 g128, activation blocks of 128), VNNI/AMX time:
+//   1024->5632: 0.65x at 1 row, 1.05x at 8, 1.6x at 16 and 64; 2816->1024: 0.74x, 0.94x, 1.4x, 1.3x.
+// With 32-channel activation blocks (int8, int4 g32) the per-block rescale dominates and AMX only
+// wins from 16 rows (1.1-1.3x).
+int64_t amx_min_batch(int64_t ablk) { return ablk >= 64 ? 8 : 16; }
+
+int64_t resolve_impl(int64_t impl, int64_t B, int64_t ablk) {
   if (impl == kAuto) {
+    if (B >= amx_min_batch(ablk) && cpu_has("amx")) return kAmx;
     if (cpu_has("avx512_vnni")) return kAvx512Vnni;
     if (cpu_has("avx2")) return kAvx2;
     return kScalar;
   }
-  const char* names[] = {"", "scalar", "avx2", "avx512_vnni"};
-  TORCH_CHECK(impl >= kScalar && impl <= kAvx512Vnni, "unknown impl ", impl);
+  const char* names[] = {"", "scalar", "avx2", "avx512_vnni", "amx"};
+  TORCH_CHECK(impl >= kScalar && impl <= kAmx, "unknown impl ", impl);
   TORCH_CHECK(cpu_has(names[impl]), "this CPU lacks ", names[impl]);
   return impl;
 }
@@ -322,12 +456,17 @@ std::vector<std::string> available_impls() {
   std::vector<std::string> out{"scalar"};
   if (cpu_has("avx2")) out.emplace_back("avx2");
   if (cpu_has("avx512_vnni")) out.emplace_back("avx512_vnni");
+  if (cpu_has("amx")) out.emplace_back("amx");
   return out;
 }
 
-// x [B, K] fp32 or bf16; w packed uint8; sw fp32 [K/group, npad] -> y fp32 [B, n].
+// x [B, K] fp32 or bf16; w packed uint8; sw fp32 [K/group, npad]; bias fp32 [n] or None
+// -> y fp32 [B, n].
 torch::Tensor qmm(torch::Tensor x, torch::Tensor w, torch::Tensor sw, int64_t bits, int64_t group,
-                  int64_t n, int64_t impl) {
+                  int64_t ablk, int64_t n, int64_t impl, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && sw.device().is_cpu() &&
+                  (!bias.has_value() || bias->device().is_cpu()),
+              "the CPU kernel got a tensor on ", x.device().is_cpu() ? w.device() : x.device());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [B, K] tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16, got ", x.scalar_type());
@@ -336,32 +475,48 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor w, torch::Tensor sw, int64_t bi
   TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.dim() == 2 && sw.is_contiguous(),
               "sw must be contiguous float32 [K/group, npad]");
   const int64_t B = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % kBlock == 0, "K=", K, " must be a multiple of ", kBlock);
-  TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0, "group ", group,
+  TORCH_CHECK(K % kMinBlock == 0, "K=", K, " must be a multiple of ", kMinBlock);
+  TORCH_CHECK(group % kMinBlock == 0 && group > 0 && K % group == 0, "group ", group,
               " must be a multiple of 32 dividing K=", K);
+  TORCH_CHECK(ablk % kMinBlock == 0 && ablk > 0 && group % ablk == 0, "activation block ", ablk,
+              " must be a multiple of 32 dividing the group ", group);
   const int64_t npad = sw.size(1);
   TORCH_CHECK(npad % kTileRows == 0 && n <= npad && n > npad - kTileRows, "bad n/npad");
   TORCH_CHECK(sw.size(0) == K / group, "sw has ", sw.size(0), " groups, expected ", K / group);
   TORCH_CHECK(bits == 8 || w.numel() == npad * K / 2, "packed int4 weight has the wrong size");
   TORCH_CHECK(bits == 4 || w.numel() == npad * K, "packed int8 weight has the wrong size");
-  const int64_t which = resolve_impl(impl);
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                "bias must be contiguous float32 [n]");
+  const int64_t which = resolve_impl(impl, B, ablk);
 
-  const int64_t nblk = K / kBlock;
+  const int64_t nblk = K / ablk;
   auto y = torch::empty({B, n}, x.options().dtype(at::kFloat));
   if (B == 0) return y;
-  std::vector<int8_t> xq(B * K);
+  // AMX reads activations 16 rows at a time: pad with zero rows (their results are dropped).
+  const int64_t rows = which == kAmx ? (B + 15) / 16 * 16 : B;
+  std::vector<int8_t> xq(rows * K, 0);
   std::vector<float> xs(B * nblk);
   std::vector<int32_t> xc(B * nblk);
   const int32_t offset = bits == 4 ? 8 : 128;
   if (x.scalar_type() == at::kFloat)
-    quantize_rows(x.data_ptr<float>(), B, K, offset, xq.data(), xs.data(), xc.data());
+    quantize_rows(x.data_ptr<float>(), B, K, ablk, offset, xq.data(), xs.data(), xc.data());
   else
-    quantize_rows(x.data_ptr<at::BFloat16>(), B, K, offset, xq.data(), xs.data(), xc.data());
+    quantize_rows(x.data_ptr<at::BFloat16>(), B, K, ablk, offset, xq.data(), xs.data(), xc.data());
 
-  Problem p{w.data_ptr<uint8_t>(), sw.data_ptr<float>(), npad, n, K, group, B,
-            xq.data(), xs.data(), xc.data(), nblk, y.data_ptr<float>(), bits == 4};
+  const Problem p{w.data_ptr<uint8_t>(), sw.data_ptr<float>(), npad, n, K, group, ablk, B,
+                  xq.data(), xs.data(), xc.data(), nblk, y.data_ptr<float>(), bits == 4};
   const int64_t tiles = npad / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  // Threads only for layers of at least ~64 KiB of weights per thread: below that the
+  // fork/join (microseconds, far more when the other core is busy) costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / p.tile_bytes());
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+#if QM_X86
+    if (which == kAmx) {
+      p.int4 ? amx_tiles<true>(p, t0, t1) : amx_tiles<false>(p, t0, t1);
+      return;
+    }
+#endif
     for (int64_t t = t0; t < t1; ++t) {
 #if QM_X86
       if (which == kAvx512Vnni) {
@@ -384,10 +539,18 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor w, torch::Tensor sw, int64_t bi
         tile_scalar(p, t, b0, static_cast<int>(std::min<int64_t>(8, B - b0)));
     }
   });
+  if (bias.has_value()) {  // here rather than as a torch op: saves a dispatch per call
+    const float* bp = bias->data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < n; ++j) yp[b * n + j] += bp[j];
+  }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qmm", &qmm, "weight-only int4/int8 matmul (packed layout, see source)");
+  m.def("qmm", &qmm, "weight-only int4/int8 matmul (packed layout, see source)", py::arg("x"),
+        py::arg("w"), py::arg("sw"), py::arg("bits"), py::arg("group"), py::arg("ablk"), py::arg("n"),
+        py::arg("impl"), py::arg("bias") = py::none());
   m.def("available_impls", &available_impls, "implementations this CPU can run");
 }

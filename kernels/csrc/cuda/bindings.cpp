@@ -48,7 +48,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_
 }
 
 torch::Tensor dequantize(torch::Tensor w, torch::Tensor scale, int64_t bits, int64_t group,
-                         at::ScalarType dtype) {
+                         bool bf16) {
+  const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kHalf;
   const int64_t N = w.size(0), K = w.size(1) * (bits == 4 ? 8 : 4);
   check_weight(w, scale, bits, K, group);
   const c10::cuda::CUDAGuard guard(w.device());
@@ -65,5 +66,5 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor scale, int64_t bits, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "weight-only int4/int8 GEMV, batch 1-8 (GPU layout, see quant_decode.cuh)");
-  m.def("dequantize", &dequantize, "int4/int8 GPU layout -> fp16/bf16 weight [N, K]");
+  m.def("dequantize", &dequantize, "int4/int8 GPU layout -> fp16 (bf16=False) or bf16 weight [N, K]");
 }

@@ -1,0 +1,318 @@
+// Decode attention over the paged KV cache on the CPU: each sequence's single query token reads
+// its keys and values straight from the cache blocks its block table lists, up to its own length.
+//
+// Why our own kernel: the PyTorch path gathers every decoding sequence's blocks into a dense
+// [B, Hkv, L, D] copy per layer (K and V) and runs SDPA over it padded to the longest sequence.
+// At 16 streams the copy and the padding cost more than the attention arithmetic; here every
+// cached key and value byte is read once and nothing is written but the output.
+//
+// Shapes: q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (any strides with a
+// unit last one, e.g. kv_cache[0] / kv_cache[1]); block_tables [B, max_blocks] int64;
+// seq_lens [B] int64 (context length including this token); out [B, Hq, D] in q's dtype.
+// fp32 or bf16 (q and the cache alike); arithmetic in fp32, softmax with the maximum
+// subtracted. One work item = (sequence, KV head): its Hq/Hkv query heads share every key and
+// value row it reads. Inner loops are plain C++ that GCC vectorizes; target_clones builds them
+// for AVX-512, AVX2 and the baseline and picks one at load time.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define PA_CLONES
+#endif
+
+// out[j * stride] = dot(q + j * D, k, D) for j < g
+PA_CLONES void dots(const float* q, const float* k, float* out, int64_t stride, int64_t g,
+                    int64_t D) {
+  for (int64_t j = 0; j < g; ++j) {
+    const float* qj = q + j * D;
+    float acc[16] = {0};
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      for (int l = 0; l < 16; ++l) acc[l] += qj[d + l] * k[d + l];
+    }
+    float s = 0.f;
+    for (; d < D; ++d) s += qj[d] * k[d];
+    for (int l = 0; l < 16; ++l) s += acc[l];
+    out[j * stride] = s;
+  }
+}
+
+// acc[j] += p[j * stride] * v for j < g
+PA_CLONES void axpys(const float* p, int64_t stride, const float* v, float* acc, int64_t g,
+                     int64_t D) {
+  for (int64_t j = 0; j < g; ++j) {
+    const float w = p[j * stride];
+    float* aj = acc + j * D;
+    for (int64_t d = 0; d < D; ++d) aj[d] += w * v[d];
+  }
+}
+
+// e^x for x <= 0 (scores minus their maximum), to ~2 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2.
+// A plain-C++ polynomial so the loop vectorizes (std::exp is a scalar libm call per element).
+PA_CLONES void exp_nonpositive(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = std::max(x[i], -87.f);  // below that, e^x is 0 in fp32 anyway
+    const float k = std::nearbyint(v * 1.44269504088896341f);
+    const float r = v - k * 0.693359375f + k * 2.12194440e-4f;  // Cody-Waite split of ln 2
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    x[i] = p * scale;
+  }
+}
+
+PA_CLONES void bf16_to_float(const uint16_t* src, uint32_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
+}
+
+// A row of D values as fp32: the row itself (fp32) or a converted copy in `buf` (bf16).
+template <typename T>
+inline const float* row_f32(const T* row, float* buf, uint32_t* ubuf, int64_t D);
+
+template <>
+inline const float* row_f32<float>(const float* row, float*, uint32_t*, int64_t) {
+  return row;
+}
+
+template <>
+inline const float* row_f32<at::BFloat16>(const at::BFloat16* row, float* buf, uint32_t* ubuf,
+                                         int64_t D) {
+  bf16_to_float(reinterpret_cast<const uint16_t*>(row), ubuf, D);
+  std::memcpy(buf, ubuf, D * sizeof(float));
+  return buf;
+}
+
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PA_X86 1
+
+// AVX-512 work item: scores for 4 query heads per pass over a key row (independent FMA chains),
+// values accumulated per 16-channel slice with the accumulators in registers. D % 16 == 0.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16(const T* p);
+
+template <>
+__attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+
+template <>
+__attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16<at::BFloat16>(
+    const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512dq"))) void scores_avx512(
+    const float* qf, const T* const* rows, float* s, int64_t L, int64_t g, int64_t D) {
+  for (int64_t t = 0; t < L; ++t) {
+    const T* k = rows[t];
+    int64_t j = 0;
+    for (; j + 4 <= g; j += 4) {
+      const float* q0 = qf + j * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 kv = load16<T>(k + d);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + d), kv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + d), kv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + d), kv, a3);
+      }
+      s[j * L + t] = _mm512_reduce_add_ps(a0);
+      s[(j + 1) * L + t] = _mm512_reduce_add_ps(a1);
+      s[(j + 2) * L + t] = _mm512_reduce_add_ps(a2);
+      s[(j + 3) * L + t] = _mm512_reduce_add_ps(a3);
+    }
+    for (; j < g; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * D + d), load16<T>(k + d), a);
+      s[j * L + t] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
+// acc[j, :] = sum_t p[j, t] v_t, one 16-channel slice at a time: the slice's accumulators for
+// up to 16 query heads stay in registers while the rows stream past.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512dq"))) void values_avx512(
+    const float* p, const T* const* rows, float* acc, int64_t L, int64_t g, int64_t D) {
+  for (int64_t j0 = 0; j0 < g; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, g - j0);
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512 a[16];
+      for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {
+        const __m512 v = load16<T>(rows[t] + d);
+        for (int64_t j = 0; j < nj; ++j)
+          a[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(j0 + j) * L + t]), v, a[j]);
+      }
+      for (int64_t j = 0; j < nj; ++j) _mm512_storeu_ps(acc + (j0 + j) * D + d, a[j]);
+    }
+  }
+}
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+#else
+#define PA_X86 0
+#endif
+
+template <typename T>
+void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+            torch::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t g = Hq / Hkv;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t tstride = block_tables.stride(0);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  const float fscale = static_cast<float>(scale);
+#if PA_X86
+  const bool fast = D % 16 == 0 && has_avx512();
+#else
+  const bool fast = false;
+#endif
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(g * D), acc(g * D), buf(D), scores;
+    std::vector<uint32_t> ubuf(D);
+    std::vector<const T*> rows_k, rows_v;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t L = lens[b];
+      const int64_t* table = tables + b * tstride;
+      for (int64_t j = 0; j < g; ++j) {  // this KV head's query heads, pre-scaled, in fp32
+        const T* src = qp + b * qs0 + (h * g + j) * qs1;
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(src[d]) * fscale;
+      }
+      scores.resize(static_cast<size_t>(L * g));
+      float* s = scores.data();  // [g, L]: one softmax row per query head
+      rows_k.resize(static_cast<size_t>(L));
+      rows_v.resize(static_cast<size_t>(L));
+      for (int64_t t = 0; t < L; ++t) {  // where each position's key and value rows live
+        const int64_t blk = table[t / bs], off = t % bs;
+        rows_k[t] = kp + blk * ks0 + off * ks1 + h * ks2;
+        rows_v[t] = vp + blk * vs0 + off * vs1 + h * vs2;
+      }
+      if (fast) {
+#if PA_X86
+        scores_avx512<T>(qf.data(), rows_k.data(), s, L, g, D);
+#endif
+      } else {
+        for (int64_t t = 0; t < L; ++t)
+          dots(qf.data(), row_f32<T>(rows_k[t], buf.data(), ubuf.data(), D), s + t, L, g, D);
+      }
+      float sum[64];  // g <= 64 (checked by the caller)
+      for (int64_t j = 0; j < g; ++j) {
+        float* row = s + j * L;
+        const float mx = *std::max_element(row, row + L);
+        for (int64_t t = 0; t < L; ++t) row[t] -= mx;
+        exp_nonpositive(row, L);
+        float total = 0.f;
+        for (int64_t t = 0; t < L; ++t) total += row[t];
+        sum[j] = total;
+      }
+      if (fast) {
+#if PA_X86
+        values_avx512<T>(s, rows_v.data(), acc.data(), L, g, D);
+#endif
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < L; ++t)
+          axpys(s + t, L, row_f32<T>(rows_v[t], buf.data(), ubuf.data(), D), acc.data(), g, D);
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        T* dst = op + b * os0 + (h * g + j) * os1;
+        const float inv = 1.f / sum[j];
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[j * D + d] * inv);
+      }
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache,
+                                     const torch::Tensor& block_tables,
+                                     const torch::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "paged_decode_attention: q [B, Hq, D], caches [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_decode_attention: K/V cache shapes differ");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "paged_decode_attention: q and the cache must have one dtype");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "paged_decode_attention: head_dim mismatch");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "paged_decode_attention: the head_dim axis must be contiguous");
+  const int64_t Hq = q.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 64,
+              "paged_decode_attention: Hq must be a multiple of Hkv (at most 64x)");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64,
+              "paged_decode_attention: int64 block tables and lengths");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) &&
+                  block_tables.stride(1) == 1 && seq_lens.numel() == q.size(0) &&
+                  seq_lens.is_contiguous(),
+              "paged_decode_attention: block_tables [B, max_blocks], seq_lens [B]");
+  auto lens = seq_lens.accessor<int64_t, 1>();
+  auto tables = block_tables.accessor<int64_t, 2>();
+  const int64_t max_blocks = block_tables.size(1), bs = k_cache.size(1);
+  const int64_t num_blocks = k_cache.size(0);
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * bs,
+                "paged_decode_attention: a sequence length exceeds its block table");
+    for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; ++i) {
+      TORCH_CHECK(tables[b][i] >= 0 && tables[b][i] < num_blocks,
+                  "paged_decode_attention: block id out of range");
+    }
+  }
+  auto out = torch::empty_like(q, at::MemoryFormat::Contiguous);
+  if (q.scalar_type() == torch::kFloat) {
+    decode<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    decode<at::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention: fp32 or bf16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over a paged KV cache (CPU, fp32/bf16)");
+}

@@ -1,0 +1,187 @@
+"""The CPU fast paths against the plain PyTorch ones: the paged decode attention kernel, oneDNN
+packed linears, the in-place complex rotary, and the per-step metadata built once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_attention
+from kernels.build import KernelUnavailable
+from model import attention
+from model.attention import AttentionMetadata
+from model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
+from model.packed_linear import PackedLinear, can_pack, pack_linears
+from tests.conftest import tiny_config
+from tests.paged import PagedRunner
+
+
+def _kernel():
+    try:
+        return cpu_attention.load_attention_kernel()
+    except KernelUnavailable as e:
+        pytest.skip(f"CPU attention kernel cannot be built here: {e}")
+
+
+def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
+    """Dense attention of each sequence's query over its own first `len` cached positions."""
+    outs = []
+    bs = k_cache.shape[1]
+    for b in range(q.shape[0]):
+        L = int(lens[b])
+        blocks = tables[b, : (L + bs - 1) // bs]
+        k = k_cache[blocks].flatten(0, 1)[:L].transpose(0, 1).float()  # [Hkv, L, D]
+        v = v_cache[blocks].flatten(0, 1)[:L].transpose(0, 1).float()
+        o = F.scaled_dot_product_attention(
+            q[b].float().unsqueeze(1), k, v, scale=scale, enable_gqa=True
+        )
+        outs.append(o.squeeze(1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 128), (32, 2, 128), (4, 4, 24), (6, 2, 40)])
+def test_decode_kernel_matches_dense_attention(dtype, hq, hkv, d):
+    ext = _kernel()
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    bs, lens = 16, torch.tensor([1, 16, 17, 70, 33])
+    nb = 40
+    cache = torch.randn(2, nb, bs, hkv, d, generator=g).to(dtype)
+    # scattered, non-monotonic block ids, padded with 0 past each length
+    perm = torch.randperm(nb, generator=g)
+    tables = torch.zeros(len(lens), 6, dtype=torch.int64)
+    used = 0
+    for b, L in enumerate(lens.tolist()):
+        n = (L + bs - 1) // bs
+        tables[b, :n] = perm[used : used + n]
+        used += n
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    scale = 1 / math.sqrt(d)
+    got = ext.paged_decode_attention(q, cache[0], cache[1], tables, lens, scale)
+    want = _reference_decode(q, cache[0], cache[1], tables, lens, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_decode_kernel_refuses_bad_input():
+    ext = _kernel()
+    cache = torch.zeros(2, 4, 16, 2, 8)
+    q = torch.zeros(1, 4, 8)
+    with pytest.raises(RuntimeError, match="exceeds its block table"):
+        ext.paged_decode_attention(
+            q, cache[0], cache[1], torch.zeros(1, 2, dtype=torch.int64), torch.tensor([33]), 1.0
+        )
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ext.paged_decode_attention(
+            q, cache[0], cache[1], torch.tensor([[9]]), torch.tensor([3]), 1.0
+        )
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.paged_decode_attention(
+            q.double(), cache[0], cache[1], torch.tensor([[0]]), torch.tensor([3]), 1.0
+        )
+
+
+def test_model_decode_same_with_and_without_kernel(tiny_model, monkeypatch):
+    """The whole model: decodes through the kernel equal decodes through gather + SDPA."""
+    _kernel()
+    prompts = [[5, 9, 11, 40, 7], list(range(3, 40)), [8, 8]]
+
+    def run() -> torch.Tensor:
+        r = PagedRunner(tiny_model)
+        r.step([(i, p) for i, p in enumerate(prompts)])
+        outs = [r.step([(i, [20 + i]) for i in range(3)]) for _ in range(5)]
+        return torch.cat(outs)
+
+    with_kernel = run()
+    monkeypatch.setattr(attention.cpu_attention, "supports", lambda q, kv: False)
+    without = run()
+    torch.testing.assert_close(with_kernel, without, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="no oneDNN bf16")
+def test_packed_linear_matches_linear_and_round_trips():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g))
+    packed = PackedLinear.from_linear(lin)
+    for rows in (1, 5, 3 * 7):
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        torch.testing.assert_close(packed(x).float(), lin(x).float(), atol=0.1, rtol=0.02)
+    x3 = torch.randn(2, 3, 64, generator=g).to(torch.bfloat16)
+    assert packed(x3).shape == (2, 3, 48)
+    state = packed.state_dict()
+    assert torch.equal(state["weight"], lin.weight) and torch.equal(state["bias"], lin.bias)
+    other = PackedLinear(torch.zeros(48, 64, dtype=torch.bfloat16), torch.zeros(48).bfloat16())
+    other.load_state_dict(state)
+    torch.testing.assert_close(other(x3), packed(x3))
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="no oneDNN bf16")
+def test_pack_for_cpu_keeps_logits_and_state_dict(tiny_cfg):
+    model = ChatGLMForCausalLM.random(tiny_cfg, dtype=torch.bfloat16, seed=3, std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = list(range(3, 30))
+    want = PagedRunner(model).greedy(0, ids, steps=4)
+    logits_want = PagedRunner(model).step([(0, ids)])
+    names = model.pack_for_cpu()
+    assert len(names) == 4 * tiny_cfg.num_layers + 1  # every linear, the output layer too
+    got = PagedRunner(model).step([(0, ids)])
+    cos = F.cosine_similarity(got, logits_want, dim=-1)
+    assert cos.min() > 0.999
+    assert PagedRunner(model).greedy(0, ids, steps=4) == want
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_fp32_is_not_packed(tiny_model):
+    assert pack_linears(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []
+    assert not can_pack(tiny_model.transformer.output_layer.weight)
+
+
+def test_complex_rotary_equals_pairwise_formula():
+    rot = RotaryEmbedding(dim=16, max_positions=64)
+    pos = torch.tensor([0, 3, 17, 63])
+    x = torch.randn(4, 5, 32)
+    # the seed's formula on channel pairs (2i, 2i+1) of the first 16 channels
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    ang = pos[:, None].float() * inv[None]
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+    x0, x1 = x[..., 0:16:2], x[..., 1:16:2]
+    want = x.clone()
+    want[..., 0:16:2] = x0 * cos - x1 * sin
+    want[..., 1:16:2] = x1 * cos + x0 * sin
+    for dtype in (torch.float32, torch.bfloat16):
+        got = x.to(dtype, copy=True)  # rotated in place
+        apply_rotary_(got, rot.rotation(pos))
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_step_tensors_built_once_per_step():
+    cfg = tiny_config()
+    model = ChatGLMForCausalLM.random(cfg, seed=1)
+    bs = 16
+    caches = [torch.zeros(model.kv_cache_shape(8, bs)) for _ in model.layers]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([10, 16 + 4]),
+        query_start_loc=[0, 1, 2],
+        seq_lens=[11, 21],
+        block_tables=torch.tensor([[0, 0], [1, 2]]),
+        num_prefills=0,
+        block_size=bs,
+    )
+    plan = meta.decode_plan(torch.float32)
+    assert meta.decode_plan(torch.float32) is plan  # the first layer builds, the rest reuse
+    assert plan.keys == 21 and plan.mask is not None and plan.mask.shape == (2, 1, 1, 21)
+    assert torch.isinf(plan.mask[0, 0, 0, 11:]).all() and (plan.mask[0, 0, 0, :11] == 0).all()
+    assert meta.decode_lens().tolist() == [11, 21]
+    with torch.inference_mode():
+        model(torch.tensor([3, 4]), torch.tensor([10, 20]), caches, meta)
+    assert meta.to(torch.device("cpu"))._decode is None  # derived tensors do not travel
