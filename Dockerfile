@@ -14,6 +14,10 @@
 #   TORCH_VERSION   torch installed when the base image has none (CPU bases)
 #   TORCH_INDEX_URL extra package index for that torch (https://download.pytorch.org/whl/cpu)
 #   TORCH_CUDA_ARCH_LIST  GPU architectures the kernels are compiled for
+#   GXX_VERSION / PYTHON3_DEV_VERSION  apt versions of g++ and python3-dev, installed in the
+#                   builder only where BUILDER_IMAGE lacks a compiler or the Python headers
+# The builder compiles the kernels (`python -m kernels.build`: CPU always, CUDA with nvcc) into
+# /opt/chatglm-serve/kernels; the runtime (no compiler, read-only root) imports them as built.
 # Build secret (optional): `ca`, a CA bundle for pip (networks with a TLS-intercepting proxy).
 
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
@@ -34,6 +38,24 @@ ENV PIP_NO_CACHE_DIR=1 \
     CHATGLM_SERVE_CACHE=/opt/chatglm-serve/cache \
     CHATGLM_SERVE_KERNEL_CACHE=/opt/chatglm-serve/kernels \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
+
+# The kernels are compiled in this stage: it needs a C++ compiler and the Python headers. They are
+# installed only where the base lacks them (the CUDA devel images have both); the versions are
+# Debian bookworm's (python:*-bookworm and the local base), to be overridden for other bases.
+ARG GXX_VERSION=4:12.2.0-3
+ARG PYTHON3_DEV_VERSION=3.11.2-1+b1
+RUN has_headers() { python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; }; \
+    if ! command -v g++ >/dev/null 2>&1 || ! has_headers; then \
+        echo "chatglm-serve: installing g++ / python3-dev (builder stage only) to compile the kernels"; \
+        apt-get update; \
+        if ! command -v g++ >/dev/null 2>&1; then \
+            apt-get install -y --no-install-recommends "g++=${GXX_VERSION}" || exit 1; \
+        fi; \
+        if ! has_headers; then \
+            apt-get install -y --no-install-recommends "python3-dev=${PYTHON3_DEV_VERSION}" || exit 1; \
+        fi; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi
 
 # --system-site-packages: a CUDA base's own torch (built for its CUDA) is used as is.
 RUN python3 -m venv --system-site-packages /opt/venv
@@ -64,22 +86,22 @@ RUN --mount=type=secret,id=ca \
     && pip check
 
 WORKDIR /opt
-# Compile the CUDA kernels now, into CHATGLM_SERVE_KERNEL_CACHE (start-up then compiles nothing),
-# when this builder has nvcc.
+# Compile the kernels now, into CHATGLM_SERVE_KERNEL_CACHE: the runtime image has no compiler and a
+# read-only root, and imports these builds as they are (kernels/build.py). The CPU kernels always;
+# the CUDA ones (for TORCH_CUDA_ARCH_LIST: no GPU needed) when this builder has nvcc. Only the
+# libraries and their stamps are kept (the objects are what a rebuild would reuse).
 RUN --mount=type=secret,id=ca \
-    mkdir -p "${CHATGLM_SERVE_KERNEL_CACHE}"; \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    pip install ninja==1.13.2 || exit 1; \
     if command -v nvcc >/dev/null 2>&1; then \
         echo "chatglm-serve: $(nvcc --version | tail -n1): compiling the CUDA kernels for ${TORCH_CUDA_ARCH_LIST}"; \
-        if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-        pip install ninja==1.13.2 || exit 1; \
-        python -m kernels.build || exit 1; \
-        if [ -z "$(ls -A "${CHATGLM_SERVE_KERNEL_CACHE}")" ]; then \
-            echo "chatglm-serve: WARNING: python -m kernels.build compiled nothing into ${CHATGLM_SERVE_KERNEL_CACHE}"; \
-        fi; \
+        python -m kernels.build --cpu --cuda || exit 1; \
     else \
         echo "chatglm-serve: no nvcc in the builder image: CUDA kernels NOT compiled;" \
-             "this image serves with the plain PyTorch code paths (CPU)"; \
-    fi
+             "this image serves on CPU (with the prebuilt CPU kernels)"; \
+        python -m kernels.build --cpu || exit 1; \
+    fi \
+    && find "${CHATGLM_SERVE_KERNEL_CACHE}" -name '*.o' -delete
 
 # The embedded tiny demo model (served when CHATGLM_MODEL is unset), built once here.
 RUN python -c 'from model.demo import demo_checkpoint_dir; print("demo model:", demo_checkpoint_dir())' \

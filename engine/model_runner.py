@@ -120,10 +120,10 @@ class ModelRunner:
             # process-wide; threads started later (the async engine's step thread) inherit it
             torch.set_num_threads(config.num_threads)
         if all(d.type == "cpu" for d in model.layer_devices()):
-            # half-precision CPU weights: oneDNN's blocked layout reads them ~1.5x faster
-            packed = model.pack_for_cpu()
-            if packed:
-                log.info("packed %d linears for oneDNN (CPU, half precision)", len(packed))
+            # decode matmuls: oneDNN-packed half precision, our small-batch kernel for fp32
+            fast = model.optimize_for_cpu()
+            if fast:
+                log.info("%d linears set up for CPU decode", len(fast))
         self.block_size = plan.block_size
         self.num_blocks = plan.num_blocks
         self.input_device = model.transformer.embedding.word_embeddings.weight.device

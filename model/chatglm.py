@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from model.attention import AttentionMetadata, kv_cache_shape, paged_attention
 from model.config import ChatGLMConfig, parse_dtype
-from model.packed_linear import PackedLinear, pack_linears
+from model.cpu_linear import PackedLinear, optimize_linears
 
 
 class RMSNorm(nn.Module):
@@ -193,12 +193,13 @@ class ChatGLMForCausalLM(nn.Module):
         device = head.device if isinstance(head, PackedLinear) else head.weight.device
         return head(hidden.to(device)).float()
 
-    def pack_for_cpu(self) -> list[str]:
-        """Reorder half-precision CPU linears for oneDNN (model/packed_linear.py); their names.
+    def optimize_for_cpu(self) -> list[str]:
+        """Give the CPU linears their decode matmuls (model/cpu_linear.py); their names.
 
-        Inference only, and irreversible in place: call once the weights are final.
+        Inference only, and in place (half-precision weights are repacked): call once the
+        weights are final.
         """
-        return pack_linears(self)
+        return optimize_linears(self)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         # the KV heads this process holds (fewer than the config's under tensor parallel)

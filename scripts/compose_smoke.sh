@@ -7,6 +7,8 @@
 #   2. `docker compose build` of the CPU variant (docker-compose.yml + compose.cpu.yml) from this
 #      checkout, then `docker compose up --wait` until healthy, serving the embedded demo model
 #      from a read-only model volume with an API key;
+#      the CPU kernels compiled in the builder and imported as built by the runtime (no compiler,
+#      read-only root), a --quantize 4 daemon answering on them;
 #   3. from the host: openai-python streaming and non-streaming, /v1/models, 401 without the key,
 #      legacy POST /, /metrics; the container runs as non-root and /models is read-only;
 #   4. the `replicas` profile: 2 CPU replicas behind nginx, 20 concurrent streams through nginx all
@@ -179,6 +181,59 @@ print("plain docker run: /health", h)' "http://127.0.0.1:$port"; then
 }
 timed "docker run of the image alone until healthy (demo model)" plain_run ||
     die "the image alone did not become healthy"
+
+# The kernels: compiled in the builder stage (its log says what), imported as built by the
+# runtime, which has no compiler and a read-only root. A --quantize 4 daemon runs on them.
+grep -q "chatglm-serve: kernels: CPU quantized matmul: compiled" "$WORK/build.log" ||
+    die "the build log does not say the CPU kernels were compiled"
+grep -o 'chatglm-serve: kernels: .*' "$WORK/build.log" | sed 's/^/    build log: /'
+quantized_run() {
+    local id port status=starting i
+    port=$(free_port)
+    id=$(docker run -d --read-only --tmpfs /tmp --health-interval 2s -p "127.0.0.1:$port:8000" \
+        "$IMAGE" --quantize 4)
+    CONTAINERS+=("$id")
+    for i in $(seq 1 90); do
+        status=$(docker inspect -f '{{.State.Health.Status}}' "$id")
+        [[ $status == starting ]] || break
+        sleep 1
+    done
+    log "docker run $IMAGE --quantize 4: health $status after ~$i s"
+    if [[ $status != healthy ]]; then docker logs --tail 40 "$id"; return 1; fi
+    if docker exec "$id" sh -c 'command -v g++ || command -v c++ || command -v cc'; then
+        log "the runtime image has a C++ compiler"
+        return 1
+    fi
+    docker exec "$id" python -c '
+import torch
+from kernels import build, cpu_decode
+from model.loader import load_model_and_tokenizer
+from model.quantize import QuantLinear
+for mod in (build.cpu_kernels_or_none(), cpu_decode.decode_kernels_or_none()):
+    assert mod is not None, "a CPU kernel did not load"
+    info = build.build_info(mod)
+    assert info["prebuilt"] and mod.__file__.startswith("/opt/chatglm-serve/kernels/"), info
+    print("in the container: prebuilt", mod.__file__, "built", info["built_at"])
+model, _ = load_model_and_tokenizer(None, torch.float32, "cpu", 4)
+paths = {m.path for m in model.modules() if isinstance(m, QuantLinear)}
+assert paths == {"cpu_kernel"}, paths
+print("in the container: int4 demo model, every quantized linear on the CPU kernel")' || return 1
+    python3 -c '
+import sys, httpx
+r = httpx.post(sys.argv[1] + "/v1/chat/completions", timeout=60,
+               json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8})
+assert r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str), r.text
+print("--quantize 4 daemon answered:", r.json()["usage"])' "http://127.0.0.1:$port" || return 1
+    if ! docker logs "$id" 2>&1 | grep -q "loaded prebuilt chatglm_quant_cpu"; then
+        docker logs --tail 40 "$id"
+        log "the --quantize 4 daemon did not load the prebuilt CPU kernel"
+        return 1
+    fi
+    docker logs "$id" 2>&1 | grep "loaded prebuilt" | sed 's/^/    daemon log: /'
+    docker rm -f "$id" >/dev/null
+}
+timed "docker run --quantize 4 until healthy, prebuilt kernel checks" quantized_run ||
+    die "the int4 daemon on the prebuilt kernels failed"
 
 # The model volume: the demo checkpoint copied out of the image, served as a real model dir.
 cid=$(docker create "$IMAGE")

@@ -243,6 +243,8 @@
       });
     };
 
+    const keyUsed = sessionStorage.getItem(KEY_STORE);
+    let resend = null;
     try {
       const res = await fetch("v1/chat/completions", {
         method: "POST",
@@ -255,6 +257,11 @@
         user.wrap.remove();
         reply.wrap.remove();
         $("empty-hint").hidden = $("log").querySelector(".msg") !== null;
+        const keyNow = sessionStorage.getItem(KEY_STORE);
+        if (keyNow && keyNow !== keyUsed) {
+          resend = text; // a key was given while this request was in flight: send again with it
+          return;
+        }
         state.pending = text;
         askForKey(await errorMessage(res));
         return;
@@ -292,6 +299,7 @@
     } finally {
       if (state.controller === controller) state.controller = null;
       setBusy(false);
+      if (resend) setTimeout(() => send(resend), 0);
     }
 
     if (epoch !== state.epoch) return; // cleared meanwhile: its elements are gone already

@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention
+from kernels import cpu_decode
 from kernels.build import KernelUnavailable
 from model import attention
 from model.attention import AttentionMetadata
 from model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
-from model.packed_linear import PackedLinear, can_pack, pack_linears
+from model.cpu_linear import PackedLinear, SmallBatchLinear, can_pack, optimize_linears
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 
 
 def _kernel():
     try:
-        return cpu_attention.load_attention_kernel()
+        return cpu_decode.load_decode_kernels()
     except KernelUnavailable as e:
         pytest.skip(f"CPU attention kernel cannot be built here: {e}")
 
@@ -97,7 +97,7 @@ def test_model_decode_same_with_and_without_kernel(tiny_model, monkeypatch):
         return torch.cat(outs)
 
     with_kernel = run()
-    monkeypatch.setattr(attention.cpu_attention, "supports", lambda q, kv: False)
+    monkeypatch.setattr(attention.cpu_decode, "attention_supports", lambda q, kv: False)
     without = run()
     torch.testing.assert_close(with_kernel, without, atol=1e-5, rtol=1e-5)
 
@@ -128,7 +128,7 @@ def test_pack_for_cpu_keeps_logits_and_state_dict(tiny_cfg):
     ids = list(range(3, 30))
     want = PagedRunner(model).greedy(0, ids, steps=4)
     logits_want = PagedRunner(model).step([(0, ids)])
-    names = model.pack_for_cpu()
+    names = model.optimize_for_cpu()
     assert len(names) == 4 * tiny_cfg.num_layers + 1  # every linear, the output layer too
     got = PagedRunner(model).step([(0, ids)])
     cos = F.cosine_similarity(got, logits_want, dim=-1)
@@ -140,9 +140,45 @@ def test_pack_for_cpu_keeps_logits_and_state_dict(tiny_cfg):
         assert torch.equal(after[k], before[k]), k
 
 
-def test_fp32_is_not_packed(tiny_model):
-    assert pack_linears(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []
-    assert not can_pack(tiny_model.transformer.output_layer.weight)
+def test_fp32_linears_keep_their_weights_and_match(tiny_cfg):
+    if not cpu_decode.has_avx512():
+        pytest.skip("the small-batch fp32 kernel needs AVX-512")
+    _kernel()
+    model = ChatGLMForCausalLM.random(tiny_cfg, seed=5, std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = list(range(3, 30))
+    want = PagedRunner(model).step([(0, ids)])
+    want_decode = [PagedRunner(model).step([(i, ids[: 5 + i]) for i in range(3)])]
+    assert not can_pack(model.transformer.output_layer.weight)
+    names = model.optimize_for_cpu()
+    assert len(names) == 4 * tiny_cfg.num_layers + 1
+    assert all(isinstance(model.get_submodule(n), SmallBatchLinear) for n in names)
+    torch.testing.assert_close(PagedRunner(model).step([(0, ids)]), want, atol=1e-5, rtol=1e-5)
+    got_decode = [PagedRunner(model).step([(i, ids[: 5 + i]) for i in range(3)])]
+    torch.testing.assert_close(got_decode, want_decode, atol=1e-5, rtol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 40), (8, 7)])
+def test_small_linear_kernel_matches_f_linear(rows, n, k):
+    if not cpu_decode.has_avx512():
+        pytest.skip("the small-batch fp32 kernel needs AVX-512")
+    ext = _kernel()
+    g = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    torch.testing.assert_close(ext.small_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ext.small_linear(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    lin = torch.nn.Linear(k, n)
+    assert optimize_linears(torch.nn.Sequential(lin)) == ["0"]
+    assert isinstance(lin, SmallBatchLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    y = lin(x)  # under autograd: plain F.linear, so gradients still flow
+    y.sum().backward()
+    assert lin.weight.grad is not None
 
 
 def test_complex_rotary_equals_pairwise_formula():

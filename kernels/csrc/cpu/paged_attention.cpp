@@ -312,7 +312,10 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over a paged KV cache (CPU, fp32/bf16)");
+// bound in decode_bindings.cpp
+torch::Tensor cpu_paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                         const torch::Tensor& v_cache,
+                                         const torch::Tensor& block_tables,
+                                         const torch::Tensor& seq_lens, double scale) {
+  return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale);
 }

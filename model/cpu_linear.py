@@ -1,22 +1,50 @@
-"""Linear layers with weights reordered once for oneDNN, for half-precision decode on a CPU.
+"""Linear layers for CPU decode: the right matmul for a few rows at a time.
 
-A plain bf16 `F.linear` on a CPU reads its weight at roughly half the memory bandwidth a
-decode step could use (batch-1 decode is a matrix-vector product: every weight byte is read
-once per token). oneDNN's blocked layout, made once at load time, reads it at nearly the full
-bandwidth and is as fast for prefill chunks, so half-precision CPU serving packs the
-transformer's linears. fp32 is not packed: MKL's plain sgemv is already the faster one there.
-
-The packed weight is an opaque oneDNN tensor that replaces the dense one (no second copy in
-memory); `weight` and the state dict give a dense copy back on request.
+A decode step multiplies one row per running sequence by every weight, so its speed is how fast
+the weights stream from memory (one row) or how well the FMA units are used (a dozen rows):
+  * bf16/fp16: a plain `F.linear` reads the weight at about half the bandwidth a decode step can
+    use. oneDNN's blocked layout, made once at load time, reads it at nearly the full bandwidth,
+    uses AMX for batches and is as fast for prefill chunks: `PackedLinear`. The packed weight
+    is an opaque oneDNN tensor that replaces the dense one (no second copy in memory);
+    `weight` and the state dict give a dense copy back on request.
+  * fp32: MKL's sgemv is at the bandwidth for one row, but from a few rows on its sgemm runs
+    far below the FMA peak (16 rows took 3x one row). `SmallBatchLinear` keeps the plain weight
+    and sends up to 16 rows to our AVX-512 kernel (kernels/csrc/cpu/small_gemm.cpp), the rest
+    (prefill) to MKL.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kernels import cpu_decode
 
 # oneDNN picks its blocking for this many rows; measured fastest for 1 row and for 512
 BATCH_HINT = 512
+
+
+class SmallBatchLinear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose fp32 CPU forward for at most 16 rows,
+    outside autograd, runs our kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if not torch.is_grad_enabled() and cpu_decode.small_linear_supports(x2, self.weight):
+            y = cpu_decode.small_linear(x2, self.weight, self.bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def can_use_small_batch(weight: Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and cpu_decode.has_avx512()
+        and cpu_decode.decode_kernels_or_none() is not None
+    )
 
 
 def can_pack(weight: Tensor) -> bool:
@@ -94,17 +122,24 @@ class PackedLinear(nn.Module):
         )
 
 
-def pack_linears(model: nn.Module) -> list[str]:
-    """Replace every plain nn.Linear whose weight can be packed; returns their names.
+def optimize_linears(model: nn.Module) -> list[str]:
+    """Give every plain nn.Linear on a CPU its decode matmul; returns their names.
 
-    Subclasses (tensor-parallel linears) and quantized linears are left alone.
+    bf16/fp16 weights become `PackedLinear`; fp32 ones `SmallBatchLinear` (a class change in
+    place: the parameters stay). Subclasses (tensor-parallel linears) and quantized linears
+    are left alone.
     """
     names = []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or not can_pack(module.weight):
+        if type(module) is not nn.Linear:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear.from_linear(module))
+        if can_pack(module.weight):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, PackedLinear.from_linear(module))
+        elif can_use_small_batch(module.weight):
+            module.__class__ = SmallBatchLinear
+        else:
+            continue
         names.append(name)
     return names

@@ -1,0 +1,105 @@
+"""The CPU decode fast paths (kernels/csrc/cpu): attention straight from the paged KV cache, and
+fp32 linears for a few rows.
+
+Built on first use like the quantized-matmul extension (kernels/build.py: cached on disk, keyed
+by the sources), and optional the same way: where it cannot be built (no compiler, no AVX-512
+for the linear), the callers keep their PyTorch paths (gather + SDPA; F.linear).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from kernels.build import CSRC, KernelUnavailable, _load
+
+log = logging.getLogger(__name__)
+
+SOURCES = [
+    CSRC / "cpu" / "paged_attention.cpp",
+    CSRC / "cpu" / "small_gemm.cpp",
+    CSRC / "cpu" / "decode_bindings.cpp",
+]
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+SMALL_LINEAR_MAX_ROWS = 16  # = kMaxM in small_gemm.cpp
+
+
+@functools.cache
+def load_decode_kernels(verbose: bool = False) -> ModuleType:
+    # no _check_toolchain() here: _load imports a prebuilt build without one, checks otherwise
+    return _load(
+        "chatglm_cpu_decode",
+        SOURCES,
+        [],
+        verbose,
+        extra_cflags=["-O3", "-fopenmp"],  # -fopenmp: at::parallel_for's threads
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+@functools.cache
+def decode_kernels_or_none() -> ModuleType | None:
+    try:
+        return load_decode_kernels()
+    except KernelUnavailable as e:
+        log.warning("CPU decode kernels unavailable, using the PyTorch paths: %s", e)
+        return None
+
+
+@functools.cache
+def has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512f" in flags and "avx512dq" in flags
+
+
+def attention_supports(q: Tensor, kv_cache: Tensor) -> bool:
+    """Whether the kernel takes this step's decode (CPU, fp32/bf16, one dtype for both)."""
+    return (
+        q.device.type == "cpu"
+        and kv_cache.device.type == "cpu"
+        and q.dtype in ATTENTION_DTYPES
+        and kv_cache.dtype == q.dtype
+    )
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+) -> Tensor | None:
+    """q [B, Hq, D]; caches [blocks, block_size, Hkv, D]; block_tables [B, nb] int64; seq_lens
+    [B] int64 -> [B, Hq, D], or None where the kernel is unavailable."""
+    ext = decode_kernels_or_none()
+    if ext is None:
+        return None
+    return ext.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def small_linear_supports(x: Tensor, weight: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and 1 <= x.shape[0] <= SMALL_LINEAR_MAX_ROWS
+        and weight.is_contiguous()
+        and has_avx512()
+    )
+
+
+def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x [M <= 16, K] fp32 @ weight [N, K]^T + bias, or None where the kernel is unavailable."""
+    ext = decode_kernels_or_none()
+    if ext is None:
+        return None
+    return ext.small_linear(x, weight, bias)
