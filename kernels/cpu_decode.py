@@ -51,13 +51,16 @@ def decode_kernels_or_none() -> ModuleType | None:
 
 
 @functools.cache
-def has_avx512() -> bool:
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+            return frozenset(next((ln for ln in f if ln.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512f" in flags and "avx512dq" in flags
+        return frozenset()
+
+
+def has_avx512() -> bool:
+    return {"avx512f", "avx512dq"} <= _cpu_flags()
 
 
 def attention_supports(q: Tensor, kv_cache: Tensor) -> bool:

@@ -149,5 +149,7 @@ class ChatGLMConfig:
             d.pop("quantization_bit")
         if self.rope_ratio == 1.0:
             d.pop("rope_ratio")
+        # the seed's configs carry it; chatglm.cpp's converter refuses a config without it
+        d["original_rope"] = True
         d.update(extra)
         return d
