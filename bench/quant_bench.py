@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from make_checkpoint import MEDIUM as SHAPES_MEDIUM  # bench/ is this script's sys.path[0]
 
 from kernels import ops
 from model.attention import AttentionMetadata
@@ -33,17 +34,8 @@ from model.chatglm import ChatGLMForCausalLM
 from model.config import ChatGLMConfig
 from model.quantize import QuantLinear, QuantSpec, quantize_model, quantize_weight
 
-MEDIUM = dict(
-    num_layers=16,
-    hidden_size=1024,
-    ffn_hidden_size=2816,
-    kv_channels=128,
-    num_attention_heads=8,
-    multi_query_group_num=2,
-    padded_vocab_size=65024,
-    seq_length=4096,
-    torch_dtype="float32",
-)
+# the benchmarks' medium shape, with the real vocabulary (its output layer is what int4 saves most)
+MEDIUM = dict(SHAPES_MEDIUM, padded_vocab_size=65024, torch_dtype="float32")
 NARROW = dict(  # as narrow as the peers' token-exact comparisons (wider random models are chaotic)
     MEDIUM, num_layers=2, hidden_size=64, ffn_hidden_size=128, kv_channels=16, num_attention_heads=4
 )
