@@ -26,7 +26,11 @@ import subprocess
 import sys
 
 import httpx
-from soak import DaemonProcess, until_idle  # bench/soak.py (this script's directory is on sys.path)
+from soak import (  # bench/soak.py (this script's directory is on sys.path)
+    DaemonProcess,
+    exit_status,
+    until_idle,
+)
 
 from tests.reliability.fuzzing import fuzz
 
@@ -106,11 +110,7 @@ def main() -> int:
         flags = [*flags, "--api-key", args.api_key]
     with DaemonProcess(flags) as daemon:
         code = fuzz_daemon(daemon.url, args)
-        errors = daemon.errors_logged()
-    print(f"daemon log: {daemon.log_path} ({len(errors)} error lines)")
-    for line in errors[:20]:
-        print("  " + line)
-    return 1 if code or errors else 0
+        return exit_status(daemon, code)  # errors read while the daemon still runs
 
 
 if __name__ == "__main__":

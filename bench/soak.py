@@ -373,7 +373,12 @@ def main() -> int:
         flags = [*flags, "--api-key", args.api_key]
     with DaemonProcess(flags) as daemon:
         code = asyncio.run(run(args, daemon.url, daemon.pid))
-        errors = daemon.errors_logged()
+        return exit_status(daemon, code)  # errors read while the daemon still runs
+
+
+def exit_status(daemon: DaemonProcess, code: int) -> int:
+    """Print the started daemon's logged errors; 1 if the run or the daemon's log failed."""
+    errors = daemon.errors_logged()
     print(f"daemon log: {daemon.log_path} ({len(errors)} error lines)")
     for line in errors[:20]:
         print("  " + line)

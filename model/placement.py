@@ -40,6 +40,17 @@ _PREFIXES = {
 }
 
 
+def _per_unit(record: ModuleSizes | PlacementPlan, unit: str) -> int:
+    """The value a record (sizes or stages, one per unit) holds for one placement unit."""
+    if unit == EMBEDDING:
+        return record.embedding
+    if unit == FINAL_NORM:
+        return record.final_norm
+    if unit == OUTPUT_LAYER:
+        return record.output_layer
+    return record.layers[int(unit.split(".")[1])]
+
+
 class PlacementError(ValueError):
     """A device list, device map or budget the model cannot be placed with; the message says why."""
 
@@ -75,13 +86,7 @@ class ModuleSizes:
         return self.embedding + sum(self.layers) + self.final_norm + self.output_layer
 
     def of(self, unit: str) -> int:
-        if unit == EMBEDDING:
-            return self.embedding
-        if unit == FINAL_NORM:
-            return self.final_norm
-        if unit == OUTPUT_LAYER:
-            return self.output_layer
-        return self.layers[int(unit.split(".")[1])]
+        return _per_unit(self, unit)
 
     def units(self) -> list[str]:
         return [
@@ -206,13 +211,7 @@ class PlacementPlan:
     sizes: ModuleSizes
 
     def stage_of(self, unit: str) -> int:
-        if unit == EMBEDDING:
-            return self.embedding
-        if unit == FINAL_NORM:
-            return self.final_norm
-        if unit == OUTPUT_LAYER:
-            return self.output_layer
-        return self.layers[int(unit.split(".")[1])]
+        return _per_unit(self, unit)
 
     def device_of(self, unit: str) -> str:
         return self.devices[self.stage_of(unit)]
