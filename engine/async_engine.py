@@ -154,6 +154,11 @@ class AsyncEngine:
             if remaining:  # the consumer went away (client disconnected, cancelled)
                 self._post(("abort", request_id))
 
+    def encode_chat(self, query: str, history: list[tuple[str, str]] | None = None) -> list[int]:
+        """A chat prompt's ids, the history's replies generated here spliced in as their ids
+        (LLMEngine.encode_chat; safe to call from any thread)."""
+        return self.engine.encode_chat(query, history)
+
     async def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 

@@ -6,6 +6,13 @@ With prefix caching, every full block whose K/V has been computed is registered 
 hash of all token ids up to its end; a later sequence that starts with the same tokens takes the
 same blocks instead of recomputing them. Freed registered blocks stay in the cache, in LRU order,
 until a fresh block is needed and none unregistered is free.
+
+A sequence's last, partly filled block is remembered too when the sequence is freed (finished,
+aborted or preempted): under the hash of the blocks before it and the tokens it holds K/V for.
+A later sequence whose prompt continues the same text (a chat's next turn, which starts with the
+whole previous reply) takes that block over, exclusively, and computes only the tokens after
+the common part, writing over the rest. Without this, up to block_size - 1 tokens at the end of
+every reply would be recomputed on the next turn.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ class BlockManager:
         # tokens of a registered block: guards against a hash collision handing out wrong K/V
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # chained hash -> block id
+        # freed partly filled tail blocks: hash of the blocks before -> {tokens held: block id}
+        self.partial: dict[int | None, dict[tuple[int, ...], int]] = {}
+        self.block_partial: list[tuple[int | None, tuple[int, ...]] | None] = [None] * num_blocks
         self.free_plain: deque[int] = deque(range(num_blocks))  # unregistered, unreferenced
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; LRU
         # counters
@@ -81,6 +91,57 @@ class BlockManager:
             prev = h
         return blocks, hashes
 
+    def match_partial(self, token_ids: list[int], hashes: list[int]) -> tuple[int, int] | None:
+        """(block, tokens) of a freed partly filled block to take over after the full blocks
+        `match_prefix` found (their hashes given): the one sharing the most tokens with what
+        follows them, never reaching the last token. None when no such block shares any."""
+        if not self.enable_prefix_caching:
+            return None
+        candidates = self.partial.get(hashes[-1] if hashes else None)
+        if not candidates:
+            return None
+        start = len(hashes) * self.block_size
+        follow = token_ids[start : min(start + self.block_size, len(token_ids) - 1)]
+        best: tuple[int, int] | None = None
+        for tokens, b in candidates.items():
+            n = 0
+            for x, y in zip(tokens, follow, strict=False):
+                if x != y:
+                    break
+                n += 1
+            if n and (best is None or n > best[1]):
+                best = (b, n)
+        return best
+
+    def _register_partial(self, seq: Sequence) -> None:
+        """On free: remember the sequence's partly filled last computed block, if it is its own."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        j, k = divmod(seq.num_computed_tokens, bs)
+        if k == 0 or j >= len(seq.block_table) or len(seq.block_hashes) != j:
+            return
+        b = seq.block_table[j]
+        if self.ref_counts[b] != 1 or self.block_hash[b] is not None:
+            return
+        parent = seq.block_hashes[-1] if j else None
+        tokens = tuple(seq.token_ids[j * bs : j * bs + k])
+        entries = self.partial.setdefault(parent, {})
+        if tokens not in entries:  # else the same tokens are remembered already
+            entries[tokens] = b
+            self.block_partial[b] = (parent, tokens)
+
+    def _forget_partial(self, b: int) -> None:
+        key = self.block_partial[b]
+        if key is None:
+            return
+        parent, tokens = key
+        entries = self.partial[parent]
+        del entries[tokens]
+        if not entries:
+            del self.partial[parent]
+        self.block_partial[b] = None
+
     def register_computed(self, seq: Sequence) -> None:
         """Register the sequence's newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
@@ -110,6 +171,7 @@ class BlockManager:
                 del self.cached[h]
             self.block_hash[b] = None
             self.block_tokens[b] = None
+            self._forget_partial(b)
         self.ref_counts[b] = 1
         return b
 
@@ -118,9 +180,14 @@ class BlockManager:
             del self.free_cached[b]
         self.ref_counts[b] += 1
 
+    def _match(self, token_ids: list[int]) -> tuple[list[int], list[int], tuple[int, int] | None]:
+        blocks, hashes = self.match_prefix(token_ids)
+        return blocks, hashes, self.match_partial(token_ids, hashes)
+
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        blocks, _ = self.match_prefix(seq.token_ids)
-        return self._blocks_needed(seq, blocks) + reserve <= self.num_free_blocks
+        blocks, _, partial = self._match(seq.token_ids)
+        hit = blocks + [partial[0]] if partial else blocks
+        return self._blocks_needed(seq, hit) + reserve <= self.num_free_blocks
 
     def _blocks_needed(self, seq: Sequence, hit_blocks: list[int]) -> int:
         fresh = self.blocks_for(seq.num_tokens) - len(hit_blocks)
@@ -133,15 +200,19 @@ class BlockManager:
         Returns False (and changes nothing) when fewer than needed + reserve blocks are free.
         """
         assert not seq.block_table, "sequence already holds blocks"
-        blocks, hashes = self.match_prefix(seq.token_ids)
-        if self._blocks_needed(seq, blocks) + reserve > self.num_free_blocks:
+        blocks, hashes, partial = self._match(seq.token_ids)
+        hit = blocks + [partial[0]] if partial else blocks
+        if self._blocks_needed(seq, hit) + reserve > self.num_free_blocks:
             return False
         for b in blocks:
             self._take(b)
-        fresh = [self._pop_free() for _ in range(self.blocks_for(seq.num_tokens) - len(blocks))]
-        seq.block_table = blocks + fresh
+        if partial:  # taken over: this sequence writes the rest of it
+            self._forget_partial(partial[0])
+            self._take(partial[0])
+        fresh = [self._pop_free() for _ in range(self.blocks_for(seq.num_tokens) - len(hit))]
+        seq.block_table = hit + fresh
         seq.block_hashes = hashes
-        seq.num_computed_tokens = len(blocks) * self.block_size
+        seq.num_computed_tokens = len(blocks) * self.block_size + (partial[1] if partial else 0)
         if self.enable_prefix_caching:
             self.cache_queried_blocks += (seq.num_tokens - 1) // self.block_size
             self.cache_hit_blocks += len(blocks)
@@ -160,11 +231,12 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks are freed first so they are evicted before the (more shareable) prefix.
+        self._register_partial(seq)
         for b in reversed(seq.block_table):
             self.ref_counts[b] -= 1
             assert self.ref_counts[b] >= 0, f"block {b} freed twice"
             if self.ref_counts[b] == 0:
-                if self.block_hash[b] is not None:
+                if self.block_hash[b] is not None or self.block_partial[b] is not None:
                     self.free_cached[b] = None
                 else:
                     self.free_plain.append(b)
@@ -178,8 +250,10 @@ class BlockManager:
             self.free_plain.append(b)
         self.free_cached.clear()
         self.cached.clear()
+        self.partial.clear()
         self.block_hash = [None] * self.num_blocks
         self.block_tokens = [None] * self.num_blocks
+        self.block_partial = [None] * self.num_blocks
 
     def check_consistency(self) -> None:
         """Invariants, for tests: every block is free exactly once or referenced."""
@@ -190,3 +264,8 @@ class BlockManager:
             assert (self.ref_counts[b] == 0) == (b in free_set), f"block {b} ref/free mismatch"
         for h, b in self.cached.items():
             assert self.block_hash[b] == h
+        partial = [(p, t, b) for p, entries in self.partial.items() for t, b in entries.items()]
+        for parent, tokens, b in partial:
+            assert self.block_partial[b] == (parent, tokens) and self.block_hash[b] is None
+            assert self.ref_counts[b] == 0 and b in self.free_cached
+        assert sum(k is not None for k in self.block_partial) == len(partial)

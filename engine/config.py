@@ -27,6 +27,10 @@ class EngineConfig:
     # waiting sequences beyond this (and the free running slots) are refused (EngineOverloadedError)
     max_queue: int = 1024
     enable_prefix_caching: bool = True
+    # finished replies whose generated token ids are remembered by text, so a chat's next turn
+    # is encoded with them spliced in and hits the prefix cache (engine/reply_tokens.py);
+    # 0 = off. Unused without prefix caching.
+    reply_token_cache_size: int = 1024
     max_n: int = 16  # largest accepted SamplingParams.n
     max_logprobs: int = 20  # largest accepted SamplingParams.logprobs
     seed: int = 0  # seeds the generator that unseeded requests draw from
@@ -54,5 +58,7 @@ class EngineConfig:
             refuse("max_model_len", "must be >= 2")
         if self.max_queue < 1:
             refuse("max_queue", "must be >= 1")
+        if self.reply_token_cache_size < 0:
+            refuse("reply_token_cache_size", "must be >= 0")
         if self.num_threads is not None and self.num_threads < 1:
             refuse("num_threads", "must be >= 1")

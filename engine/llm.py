@@ -125,6 +125,14 @@ class ChatGLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def encode_chat(
+        self, query: str, history: Sequence[tuple[str, str]] | None = None
+    ) -> list[int]:
+        """The prompt ids `chat` sends for (query, history): ChatGLM2's encoding, except that
+        replies this engine generated are spliced in as their generated ids (so the turn
+        reuses their K/V from the prefix cache; see engine/reply_tokens.py)."""
+        return self.engine.encode_chat(query, list(history or []))
+
     # --- the seed's calls ------------------------------------------------------------------------
 
     def chat(
@@ -182,7 +190,7 @@ class ChatGLM:
         """The reply's text pieces (the last one may be empty: it marks the end)."""
         if sampling.get("n", 1) != 1:
             raise ValueError("chat answers with one reply: use generate() for n > 1")
-        prompt_ids = self.tokenizer.encode_chat(query, list(history or []))
+        prompt_ids = self.encode_chat(query, history)
         room = max_length - len(prompt_ids)
         if room < 1:
             raise ValueError(
@@ -290,10 +298,10 @@ class ChatGLM:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, ChatPrompt):
-            return self.tokenizer.encode_chat(prompt.query, list(prompt.history))
+            return self.encode_chat(prompt.query, prompt.history)
         if isinstance(prompt, tuple):
             query, history = prompt
-            return self.tokenizer.encode_chat(query, list(history))
+            return self.encode_chat(query, history)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         raise TypeError(

@@ -8,6 +8,7 @@ Nothing here knows about threads or asyncio; AsyncEngine drives this from its ow
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import logging
 import math
@@ -20,6 +21,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, plan_kv_cache
+from engine.reply_tokens import ReplyTokenMap
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
@@ -87,6 +89,11 @@ class LLMEngine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = model.config.eos_token_id if eos is None else eos
         self._new_detokenizer = detokenizer_factory or _default_detokenizer_factory(tokenizer)
+        # finished replies' ids by text, for encode_chat (pointless without the prefix cache)
+        self.reply_tokens = ReplyTokenMap(
+            config.reply_token_cache_size if config.enable_prefix_caching else 0,
+            tokenizer.decode,
+        )
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         self._next_seq_id = 0
@@ -116,6 +123,13 @@ class LLMEngine:
         )
 
     # ---- requests ----
+    def encode_chat(
+        self, query: str, history: collections.abc.Sequence[tuple[str, str]] | None = None
+    ) -> list[int]:
+        """A chat prompt's ids, with the history's replies this engine generated spliced in as
+        their generated ids, so the turn reuses their K/V from the prefix cache (thread-safe)."""
+        return self.tokenizer.encode_chat(query, history, reply_ids=self.reply_tokens.lookup)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a request without changing any state; returns normalised params."""
         if not isinstance(params, SamplingParams):
@@ -292,6 +306,7 @@ class LLMEngine:
             token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos)
         )
         if is_stop_token:
+            seq.ended_by_stop_token = True
             text = seq.held_text + seq.detokenizer.flush()
             emit, _, _ = split_stream(text, stops, final=True)
             seq.pending_text += emit
@@ -343,9 +358,13 @@ class LLMEngine:
             if finished
             else None,
         )
+        if seq.pending_text:
+            seq.sent_text.append(seq.pending_text)
         seq.pending_text = ""
         seq.pending_ids = []
         seq.pending_logprobs = []
+        if finished:
+            self.reply_tokens.record("".join(seq.sent_text), seq.reply_ids)
         return out
 
     # ---- introspection ----

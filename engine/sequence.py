@@ -62,6 +62,8 @@ class Sequence:
         self.detokenizer = detokenizer
         self.held_text = ""  # decoded text that might be the start of a stop string
         self.finish_reason: FinishReason | None = None
+        self.ended_by_stop_token = False  # its last id is a stop token (no text, not a reply id)
+        self.sent_text: list[str] = []  # the text of every output sent so far
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         # since the last output was sent
@@ -92,6 +94,12 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
+
+    @property
+    def reply_ids(self) -> list[int]:
+        """The generated ids that spell the reply: the output without a final stop token."""
+        ids = self.output_ids
+        return ids[:-1] if self.ended_by_stop_token and ids else ids
 
     @property
     def is_finished(self) -> bool:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = [CSRC / "cpu" / "quant_matmul.cpp"]
+CPU_HEADERS = [CSRC / "cpu" / "cpu_common.h"]
 CUDA_KERNEL_SOURCES = [CSRC / "cuda" / "quant_gemv.cu"]
 CUDA_SOURCES = [CSRC / "cuda" / "bindings.cpp", *CUDA_KERNEL_SOURCES]
 CUDA_HEADERS = [CSRC / "cuda" / "quant_gemv.h"]
@@ -261,7 +262,7 @@ def load_cpu_kernels(verbose: bool = False) -> ModuleType:
     return _load(
         "chatglm_quant_cpu",
         CPU_SOURCES,
-        [],
+        CPU_HEADERS,
         verbose,
         extra_cflags=_CPU_CFLAGS,
         extra_ldflags=_CPU_LDFLAGS,

@@ -1,5 +1,6 @@
-"""The CPU decode fast paths (kernels/csrc/cpu): attention straight from the paged KV cache, and
-fp32 linears for a few rows.
+"""The CPU decode fast paths (kernels/csrc/cpu): attention straight from the paged KV cache, fp32
+linears for a few rows, bf16 linears on AMX with packed weights, and a whole decode step's layers
+in one call.
 
 Built on first use like the quantized-matmul extension (kernels/build.py: cached on disk, keyed
 by the sources), and optional the same way: where it cannot be built (no compiler, no AVX-512
@@ -15,15 +16,18 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels.build import CSRC, KernelUnavailable, _load
+from kernels.build import CPU_HEADERS, CSRC, KernelUnavailable, _load
 
 log = logging.getLogger(__name__)
 
 SOURCES = [
     CSRC / "cpu" / "paged_attention.cpp",
     CSRC / "cpu" / "small_gemm.cpp",
+    CSRC / "cpu" / "amx_linear.cpp",
+    CSRC / "cpu" / "decode_stack.cpp",
     CSRC / "cpu" / "decode_bindings.cpp",
 ]
+HEADERS = [*CPU_HEADERS, CSRC / "cpu" / "decode_ops.h"]
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 SMALL_LINEAR_MAX_ROWS = 16  # = kMaxM in small_gemm.cpp
 
@@ -34,7 +38,7 @@ def load_decode_kernels(verbose: bool = False) -> ModuleType:
     return _load(
         "chatglm_cpu_decode",
         SOURCES,
-        [],
+        HEADERS,
         verbose,
         extra_cflags=["-O3", "-fopenmp"],  # -fopenmp: at::parallel_for's threads
         extra_ldflags=["-fopenmp"],
@@ -106,3 +110,67 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     if ext is None:
         return None
     return ext.small_linear(x, weight, bias)
+
+
+@functools.cache
+def amx_bf16_available() -> bool:
+    """Whether the AMX bf16 linear runs here (CPU bits, the OS's tile permission, the kernels)."""
+    ext = decode_kernels_or_none()
+    return ext is not None and bool(ext.amx_bf16_usable())
+
+
+def amx_bf16_pack(weight: Tensor) -> Tensor:
+    """bf16 W [N, K] (N % 16 == 0, K % 32 == 0) -> the AMX kernel's packed tiles."""
+    ext = decode_kernels_or_none()
+    assert ext is not None, "amx_bf16_pack: call only where amx_bf16_available()"
+    return ext.amx_bf16_pack(weight)
+
+
+def amx_bf16_unpack(packed: Tensor) -> Tensor:
+    """The inverse of amx_bf16_pack: [N/16, K/32, 16, 16, 2] -> W [N, K] (a dense copy)."""
+    t, c, r, n, p = packed.shape
+    return packed.permute(0, 3, 1, 2, 4).reshape(t * n, c * r * p)
+
+
+def amx_bf16_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
+    """x [M, K] bf16 @ W^T + bias, W packed by amx_bf16_pack."""
+    ext = decode_kernels_or_none()
+    assert ext is not None, "amx_bf16_linear: call only where amx_bf16_available()"
+    return ext.amx_bf16_linear(x, packed, out_features, bias)
+
+
+def decode_stack(
+    x: Tensor,
+    weights: list[Tensor],
+    kv_caches: list[Tensor],
+    final_norm: Tensor | None,
+    rotation: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    heads: tuple[int, int, int],
+    eps: float,
+    scale: float,
+) -> Tensor | None:
+    """Every layer of a decode step for single-token rows (kernels/csrc/cpu/decode_stack.cpp):
+    x [B, H] embeddings -> final hidden states [B, H]; None where the kernels are unavailable.
+    weights: 7 per layer (see the C++ file); heads: (query heads, KV heads, head_dim)."""
+    ext = decode_kernels_or_none()
+    if ext is None:
+        return None
+    hq, hkv, d = heads
+    return ext.decode_stack(
+        x,
+        weights,
+        kv_caches,
+        final_norm,
+        rotation,
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        hq,
+        hkv,
+        d,
+        eps,
+        scale,
+    )

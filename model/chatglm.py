@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from model.attention import AttentionMetadata, kv_cache_shape, paged_attention
 from model.config import ChatGLMConfig, parse_dtype
 from model.cpu_linear import PackedLinear, optimize_linears
+from model.cpu_step import cpu_decode_step
 
 
 class RMSNorm(nn.Module):
@@ -160,6 +161,8 @@ class ChatGLMForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = ChatGLMModel(cfg)
+        # decode-only CPU steps in one C++ call where the linears allow it (model/cpu_step.py)
+        self.use_decode_stack = True
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -173,6 +176,10 @@ class ChatGLMForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> Tensor:
         """-> final hidden states [T, hidden] (normed); logits via compute_logits."""
+        if meta.num_prefills == 0 and self.use_decode_stack:
+            hidden = cpu_decode_step(self, input_ids, positions, kv_caches, meta)
+            if hidden is not None:
+                return hidden
         t = self.transformer
         x = t.embedding(input_ids.to(t.embedding.word_embeddings.weight.device))
         rotation = t.rotary_pos_emb.rotation(positions)

@@ -6,6 +6,11 @@ sp_size..sp_size+4 (64789..64793 for the real chatglm2-6b file). A prompt is `[g
 followed by the whole prompt string encoded in ONE SentencePiece call, so it starts with the
 dummy-prefix piece and `\n` is the byte piece `<0x0A>` (id 13).
 
+A chat's earlier replies may instead be spliced in as the ids the model generated for them
+(`encode_chat(..., reply_ids=...)`), so a second turn starts with exactly the tokens whose K/V
+the first turn left in the prefix cache; the text between replies is then encoded as a
+continuation (`encode_continuation`: no dummy-prefix piece).
+
 Special token names typed in user text are encoded as plain text, as ChatGLM2 does: a user
 cannot inject `[gMASK]` or `eop`.
 """
@@ -13,12 +18,24 @@ cannot inject `[gMASK]` or `eop`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+
+# Encoded in front of a continuation and cut off again: `\n` is a byte-fallback piece, which no
+# learned piece contains, so nothing after it can merge with it.
+_CONTINUATION_SENTINEL = "\n"
+
+
+def _round_head(number: int, query: str) -> str:
+    """A round of ChatGLM2's chat prompt up to its reply (the reply is followed by `_ROUND_END`)."""
+    return f"[Round {number}]\n\n问：{query}\n\n答："
+
+
+_ROUND_END = "\n\n"
 
 
 def build_chat_prompt(query: str, history: Sequence[tuple[str, str]] | None = None) -> str:
@@ -26,8 +43,8 @@ def build_chat_prompt(query: str, history: Sequence[tuple[str, str]] | None = No
     history = history or []
     prompt = ""
     for i, (old_query, response) in enumerate(history, start=1):
-        prompt += f"[Round {i}]\n\n问：{old_query}\n\n答：{response}\n\n"
-    prompt += f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+        prompt += _round_head(i, old_query) + response + _ROUND_END
+    prompt += _round_head(len(history) + 1, query)
     return prompt
 
 
@@ -82,6 +99,7 @@ class ChatGLMTokenizer:
             + [self.pad_token_id, *self.special_tokens.values()]
         )
         self._anchor_id, self._anchor_text = self._find_anchor()
+        self._sentinel_ids = self._find_sentinel()
 
     def _find_anchor(self) -> tuple[int, str]:
         """A plain piece to decode in front of a segment that continues earlier text.
@@ -107,6 +125,22 @@ class ChatGLMTokenizer:
             return i, text
         raise ValueError(f"{self.source}: no plain piece in the SentencePiece vocabulary")
 
+    def _find_sentinel(self) -> list[int] | None:
+        """The ids of `_CONTINUATION_SENTINEL` encoded alone, when it is a safe sentinel.
+
+        It is when it ends in the `<0x0A>` byte piece and no piece of the vocabulary contains a
+        newline: then the ids of sentinel + text always start with exactly these ids, and what
+        follows is text tokenized from a piece boundary, with no dummy prefix (it was used up
+        by the sentinel). Without one (a vocabulary that learned newlines) nothing is spliced.
+        """
+        sp = self._sp
+        ids = sp.encode(_CONTINUATION_SENTINEL)
+        if not ids or not sp.is_byte(ids[-1]) or sp.id_to_piece(ids[-1]) != "<0x0A>":
+            return None
+        if any("\n" in piece for piece in sp.id_to_piece(list(range(self.sp_vocab_size)))):
+            return None
+        return ids
+
     # -- encoding --------------------------------------------------------------------------
 
     @property
@@ -123,12 +157,57 @@ class ChatGLMTokenizer:
     ) -> str:
         return build_chat_prompt(query, history)
 
+    def encode_continuation(self, text: str) -> list[int] | None:
+        """Ids of `text` where it follows earlier text at a piece boundary: no dummy-prefix piece.
+
+        SentencePiece puts a dummy-prefix `▁` in front of every text it encodes; mid-prompt
+        there is none. `text` is encoded behind a sentinel (`\\n`, a byte piece nothing merges
+        with) whose ids are then cut off. None when this tokenizer has no safe sentinel.
+        """
+        if self._sentinel_ids is None:
+            return None
+        return self._encode_after(self._sentinel_ids, text)
+
+    def _encode_after(self, sentinel_ids: list[int], text: str) -> list[int]:
+        ids = self._sp.encode(_CONTINUATION_SENTINEL + text)
+        assert ids[: len(sentinel_ids)] == sentinel_ids, "nothing merges with a safe sentinel"
+        return ids[len(sentinel_ids) :]
+
     def encode_chat(
-        self, query: str, history: Sequence[tuple[str, str]] | None = None
+        self,
+        query: str,
+        history: Sequence[tuple[str, str]] | None = None,
+        reply_ids: Callable[[str], Sequence[int] | None] | None = None,
     ) -> list[int]:
-        # One SentencePiece call over the whole prompt, as ChatGLM2 does: encoding the turns
-        # separately would add a dummy-prefix piece per turn and change the ids.
-        return self.encode(build_chat_prompt(query, history))
+        """The chat prompt's ids: `[gMASK] sop` + the whole prompt in ONE SentencePiece call.
+
+        Encoding the turns separately would add a dummy-prefix piece per turn and change the
+        ids, so by default this is exactly ChatGLM2's encoding. With `reply_ids`, a lookup
+        reply text -> the ids the model generated for it (None if unknown), each known
+        history reply is spliced in as those ids instead of being re-tokenized (generated
+        ids often differ from the text's own tokenization): the text up to that round's
+        "答：" is encoded as before, the reply's ids follow, and the text after it is encoded
+        as a continuation. Where the generated ids are the reply's own tokenization, the
+        result equals the default encoding; an unknown reply (e.g. edited by the client) is
+        encoded as text.
+        """
+        history = list(history or [])
+        sentinel = self._sentinel_ids
+        found = [reply_ids(r) for _, r in history] if reply_ids and sentinel else []
+        if sentinel is None or not any(ids is not None for ids in found):
+            return self.encode(build_chat_prompt(query, history))
+        out = list(self.prefix_token_ids)
+        text = ""  # not encoded yet
+        at_start = True  # the prompt's first text gets the dummy prefix; later text continues
+        for i, ((old_query, response), ids) in enumerate(zip(history, found, strict=True), 1):
+            text += _round_head(i, old_query)
+            if ids is None:
+                text += response + _ROUND_END
+                continue
+            out += self._sp.encode(text) if at_start else self._encode_after(sentinel, text)
+            out += ids
+            text, at_start = _ROUND_END, False
+        return out + self._encode_after(sentinel, text + _round_head(len(history) + 1, query))
 
     # -- decoding --------------------------------------------------------------------------
 

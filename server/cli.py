@@ -157,7 +157,7 @@ def engine_reply(
     from engine.types import SamplingParams
 
     async def reply(query: str, history: list[tuple[str, str]]) -> AsyncIterator[str]:
-        ids = engine.tokenizer.encode_chat(query, history)
+        ids = engine.encode_chat(query, history)
         params = SamplingParams(
             temperature=0.8 if temperature is None else temperature,
             top_p=0.8 if top_p is None else top_p,

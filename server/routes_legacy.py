@@ -40,7 +40,7 @@ def build_legacy_router(state: ServerState, auth: ApiKeyAuth) -> APIRouter:
     async def legacy_chat(body: LegacyRequest, request: Request) -> LegacyResponse | Response:
         engine = state.ready_engine()
         history = [(q, a) for q, a in body.history or []]
-        prompt_ids = engine.tokenizer.encode_chat(body.prompt, history)
+        prompt_ids = engine.encode_chat(body.prompt, history)
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
         max_length = body.max_length or DEFAULT_MAX_LENGTH
         params = SamplingParams(

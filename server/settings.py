@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV of a shared prompt prefix (a chat's earlier turns)."
     )
+    reply_token_cache_size: int = Field(
+        1024,
+        ge=0,
+        description="Recent replies whose generated token ids are kept by text: a chat's next "
+        "turn sends them back as history and is encoded with those ids, so it hits the prefix "
+        "cache instead of recomputing re-tokenized replies. 0 = off.",
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -295,6 +302,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_model_len=settings.max_model_len,
         max_queue=settings.max_queue,
         enable_prefix_caching=settings.enable_prefix_caching,
+        reply_token_cache_size=settings.reply_token_cache_size,
         num_threads=settings.threads,
     )
 

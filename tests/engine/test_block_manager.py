@@ -124,6 +124,104 @@ def test_tail_blocks_are_evicted_before_prefix_blocks():
     assert bm.match_prefix(list(range(13)))[0] == table[:2]
 
 
+def test_blocks_filled_while_decoding_are_registered_for_the_next_turn():
+    bm = BlockManager(16, BS)
+    turn1 = make_seq([10, 11, 12, 13, 14])  # prompt: 1 full block + 1 token
+    bm.allocate(turn1)
+    turn1.num_computed_tokens = turn1.num_tokens  # the prefill step
+    bm.register_computed(turn1)
+    turn1.token_ids.append(20)  # ... samples the first reply token
+    # decode steps, as the engine runs them: room for the new token, compute it, sample one
+    for token in range(21, 29):
+        bm.append_slots(turn1)
+        turn1.num_computed_tokens += 1
+        bm.register_computed(turn1)
+        turn1.token_ids.append(token)
+    # 14 tokens, 13 computed (the last sampled one never is): 3 full blocks registered,
+    # two of them filled by decoding
+    assert turn1.num_tokens == 14 and turn1.num_computed_tokens == 13
+    assert len(turn1.block_hashes) == 3
+    reply_blocks, tail = turn1.block_table[:3], turn1.block_table[3]
+    bm.free(turn1)  # the request finishes
+    # the next turn: the whole reply, then new text
+    turn2 = make_seq(turn1.token_ids + [90, 91, 92])
+    assert bm.allocate(turn2)
+    assert turn2.block_table[:3] == reply_blocks
+    # ... and the partly filled last block (1 computed token) is taken over too
+    assert turn2.block_table[3] == tail and turn2.num_computed_tokens == 13
+    bm.free(turn2)
+    bm.check_consistency()
+
+
+def _finished(bm: BlockManager, tokens: list[int], computed_tokens: int) -> list[int]:
+    """A sequence that computed its first `computed_tokens` tokens, then was freed."""
+    seq = make_seq(tokens)
+    assert bm.allocate(seq)
+    seq.num_computed_tokens = computed_tokens
+    bm.register_computed(seq)
+    table = list(seq.block_table)
+    bm.free(seq)
+    bm.check_consistency()
+    return table
+
+
+def test_a_freed_partly_filled_block_is_taken_over_by_one_continuation():
+    bm = BlockManager(16, BS)
+    table = _finished(bm, list(range(11)), 10)  # blocks: 2 full, then 2 of 4 tokens computed
+    follow = make_seq(list(range(11)) + [50, 51])
+    assert bm.allocate(follow)
+    assert follow.block_table[:3] == table[:3] and follow.num_computed_tokens == 10
+    assert bm.block_partial[table[2]] is None  # no longer offered: this sequence writes it
+    other = make_seq(list(range(11)) + [60])
+    assert bm.allocate(other)
+    assert other.block_table[:2] == table[:2] and other.block_table[2] != table[2]
+    assert other.num_computed_tokens == 8
+    for s in (follow, other):
+        bm.free(s)
+    bm.check_consistency()
+
+
+def test_a_partly_filled_block_is_reused_up_to_where_the_tokens_differ():
+    bm = BlockManager(16, BS)
+    table = _finished(bm, list(range(8)) + [20, 21, 22, 23], 11)  # 3 of the last 4 computed
+    seq = make_seq(list(range(8)) + [20, 21, 99, 98, 97])
+    assert bm.allocate(seq)
+    assert seq.block_table[2] == table[2] and seq.num_computed_tokens == 10  # 20, 21 reused
+    bm.free(seq)
+    # the last token is never served from a cached block, partial or not
+    bm = BlockManager(16, BS)
+    table = _finished(bm, list(range(7)), 6)
+    seq = make_seq(list(range(7)))
+    assert bm.allocate(seq)
+    assert seq.block_table[1] == table[1] and seq.num_computed_tokens == 6
+    bm.free(seq)
+    bm.check_consistency()
+
+
+def test_partial_blocks_are_evicted_like_cached_ones_and_not_kept_without_prefix_caching():
+    bm = BlockManager(4, BS)
+    table = _finished(bm, list(range(6)), 5)  # 1 full + 1 partial block, both cached
+    filler = make_seq(list(range(100, 109)))  # 3 blocks: 2 plain + the partial (LRU first)
+    assert bm.allocate(filler)
+    assert table[1] in filler.block_table and table[0] not in filler.block_table
+    bm.check_consistency()
+    assert bm.partial == {}
+    bm.free(filler)
+    probe = make_seq(list(range(6)) + [9])
+    assert bm.allocate(probe)
+    assert probe.num_computed_tokens == 4
+    bm.free(probe)
+    bm.reset_prefix_cache()
+    assert bm.partial == {} and all(k is None for k in bm.block_partial)
+    bm.check_consistency()
+
+    off = BlockManager(8, BS, enable_prefix_caching=False)
+    _finished(off, list(range(6)), 5)
+    assert off.partial == {}
+    seq = make_seq(list(range(6)) + [9])
+    assert off.allocate(seq) and seq.num_computed_tokens == 0
+
+
 def test_hash_collision_is_not_trusted():
     bm = BlockManager(8, BS)
     a = make_seq(list(range(5)))

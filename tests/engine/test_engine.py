@@ -310,6 +310,63 @@ def test_prefix_cache_second_chat_turn(model, tokenizer, corpus):
     assert off.get_stats().prompt_tokens_computed == len(p2)
 
 
+@pytest.mark.parametrize("finish", ["stop token", "length"])
+def test_second_chat_turn_is_encoded_with_the_reply_ids_and_hits_the_cache(
+    model, tokenizer, corpus, finish
+):
+    q1, q2 = " ".join(corpus[:6]), "Why is that?"
+    p1 = tokenizer.encode_chat(q1, [])
+    sp = SamplingParams(max_tokens=40, temperature=0.0)
+    if finish == "stop token":  # end turn 1 on a token it generates (the model never says eos)
+        probe = run(make_engine(model, tokenizer), [("probe", p1, sp)])[("probe", 0)]
+        sp = SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[probe.token_ids[25]])
+    eng = make_engine(model, tokenizer)
+    t1 = run(eng, [("turn1", p1, sp)])[("turn1", 0)]
+    assert t1.finish_reason is (
+        FinishReason.STOP if finish == "stop token" else FinishReason.LENGTH
+    )
+    reply_ids = t1.token_ids[:-1] if finish == "stop token" else t1.token_ids
+    assert eng.reply_tokens.lookup(t1.text) == reply_ids  # the stop token is no reply id
+
+    history = [(q1, t1.text)]
+    p2 = eng.encode_chat(q2, history)
+    new_text = tokenizer.encode_continuation(f"\n\n[Round 2]\n\n问：{q2}\n\n答：")
+    assert p2 == p1 + reply_ids + new_text
+    assert tokenizer.decode(p2) == tokenizer.build_chat_prompt(q2, history)
+    # re-tokenized, the random model's reply has other ids: what this is for
+    assert tokenizer.encode_chat(q2, history) != p2
+
+    before = eng.get_stats()
+    t2 = run(eng, [("turn2", p2, sp)])[("turn2", 0)]
+    after = eng.get_stats()
+    computed = after.prompt_tokens_computed - before.prompt_tokens_computed
+    cached = after.prompt_tokens_cached - before.prompt_tokens_cached
+    assert computed + cached == len(p2)
+    # only the new text is computed (and the reply's last token, when turn 1 ended on length:
+    # sampled, never computed); the reply's last, partly filled block is taken over
+    assert computed <= len(new_text) + 16  # full blocks alone
+    assert computed == len(new_text) + (finish == "length"), (computed, len(new_text), len(p2))
+    # the same output as the spliced prompt computed from scratch
+    eng.block_manager.reset_prefix_cache()
+    before = eng.get_stats()
+    again = run(eng, [("again", p2, sp)])[("again", 0)]
+    assert eng.get_stats().prompt_tokens_computed - before.prompt_tokens_computed == len(p2)
+    assert again.token_ids == t2.token_ids and again.text == t2.text
+    assert_idle(eng)
+
+
+@pytest.mark.parametrize("off", [{"reply_token_cache_size": 0}, {"enable_prefix_caching": False}])
+def test_without_the_reply_map_chat_prompts_are_plain(model, tokenizer, corpus, off):
+    eng = make_engine(model, tokenizer, **off)
+    q1 = " ".join(corpus[:3])
+    p1 = tokenizer.encode_chat(q1, [])
+    t1 = run(eng, [("t", p1, SamplingParams(max_tokens=12, temperature=0.0))])[("t", 0)]
+    assert eng.reply_tokens.lookup(t1.text) is None and len(eng.reply_tokens) == 0
+    assert eng.encode_chat("next", [(q1, t1.text)]) == tokenizer.encode_chat(
+        "next", [(q1, t1.text)]
+    )
+
+
 def test_chunked_prefill_gives_the_unchunked_output(model, tokenizer, corpus):
     prompts = prompts_of_lengths(tokenizer, corpus, [300, 170, 9])
     reqs = [(f"c{i}", p, SamplingParams(max_tokens=16, **GREEDY)) for i, p in enumerate(prompts)]

@@ -31,7 +31,7 @@ def assert_idle(glm: ChatGLM) -> None:
 
 
 def max_length_for(glm: ChatGLM, query: str, history, reply_tokens: int) -> int:
-    return len(glm.tokenizer.encode_chat(query, history)) + reply_tokens
+    return len(glm.encode_chat(query, history)) + reply_tokens
 
 
 def test_stream_chat_grows_and_ends_at_chat_answer(glm):
@@ -60,9 +60,27 @@ def test_history_grows_as_in_the_seed_and_feeds_the_prompt(glm):
     assert h1 == [(q1, r1)], "the caller's history is not modified"
 
     # the second turn was asked with the first as history: the same as encoding it by hand
-    ids = glm.tokenizer.encode_chat(q2, h1)
+    ids = glm.encode_chat(q2, h1)
     alone = glm.generate([ids], SamplingParams(temperature=0, max_tokens=12))[0]
     assert r2 == process_response(alone.text)
+    # ... with the first reply (returned stripped) spliced in as the ids the model generated
+    r1_ids = glm.engine.reply_tokens.lookup(r1)
+    assert r1_ids is not None and glm.tokenizer.decode(r1_ids) == r1
+    head = glm.tokenizer.encode_chat(q1, [])
+    assert ids[: len(head) + len(r1_ids)] == head + r1_ids
+
+
+def test_second_chat_turn_recomputes_only_the_new_text(glm):
+    q1, q2 = "Tell me about the engine and its scheduler, please.", "Why?"
+    r1, h1 = glm.chat(q1, history=[], max_length=max_length_for(glm, q1, [], 30), **GREEDY)
+    before = glm.engine.get_stats()
+    for _ in glm.stream_chat(q2, h1, max_length=max_length_for(glm, q2, h1, 4), **GREEDY):
+        pass
+    after = glm.engine.get_stats()
+    computed = after.prompt_tokens_computed - before.prompt_tokens_computed
+    new_text = glm.tokenizer.encode_continuation(f"\n\n[Round 2]\n\n问：{q2}\n\n答：")
+    assert computed <= len(new_text) + 1, (computed, len(glm.encode_chat(q2, h1)))
+    assert_idle(glm)
 
 
 def test_max_length_counts_prompt_and_reply(glm):

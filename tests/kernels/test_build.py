@@ -185,7 +185,10 @@ def test_a_build_that_does_not_match_its_stamp_is_not_imported(aot_cache, tmp_pa
     dst.chmod(0o755)  # the copy keeps the a-w modes the other test gave the cache
     monkeypatch.setenv("CHATGLM_SERVE_KERNEL_CACHE", str(tmp_path))
     module, build_dir = build._locate(
-        "chatglm_quant_cpu", build.CPU_SOURCES, [], {"extra_cflags": build._CPU_CFLAGS}
+        "chatglm_quant_cpu",
+        build.CPU_SOURCES,
+        build.CPU_HEADERS,
+        {"extra_cflags": build._CPU_CFLAGS},
     )
     assert build_dir == dst  # the same fingerprint as the AOT build
     so = dst / f"{module}.so"
@@ -199,7 +202,7 @@ def test_a_build_that_does_not_match_its_stamp_is_not_imported(aot_cache, tmp_pa
         build._load(
             "chatglm_quant_cpu",
             build.CPU_SOURCES,
-            [],
+            build.CPU_HEADERS,
             False,
             extra_cflags=build._CPU_CFLAGS,
             extra_ldflags=build._CPU_LDFLAGS,

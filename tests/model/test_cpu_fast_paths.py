@@ -14,7 +14,13 @@ from kernels.build import KernelUnavailable
 from model import attention
 from model.attention import AttentionMetadata
 from model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
-from model.cpu_linear import PackedLinear, SmallBatchLinear, can_pack, optimize_linears
+from model.cpu_linear import (
+    AmxLinear,
+    PackedLinear,
+    SmallBatchLinear,
+    can_pack,
+    optimize_linears,
+)
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 
@@ -221,3 +227,40 @@ def test_step_tensors_built_once_per_step():
     with torch.inference_mode():
         model(torch.tensor([3, 4]), torch.tensor([10, 20]), caches, meta)
     assert meta.to(torch.device("cpu"))._decode is None  # derived tensors do not travel
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 37])
+@pytest.mark.parametrize("bias", [True, False])
+def test_amx_linear_matches_linear_and_round_trips(rows, bias):
+    if not cpu_decode.amx_bf16_available():
+        pytest.skip("the AMX bf16 linear needs AMX-BF16 (CPU and OS permission)")
+    g = torch.Generator().manual_seed(rows)
+    n, k = 80, 96  # 5 output tiles (a group of 4 and a remainder), 3 k-chunks
+    lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    amx = AmxLinear.from_linear(lin)
+    assert torch.equal(cpu_decode.amx_bf16_unpack(amx.packed), lin.weight)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    want = x.float() @ lin.weight.float().t() + (lin.bias.float() if bias else 0)
+    got = amx(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    # fp32 accumulation, one rounding to bf16 at the end
+    torch.testing.assert_close(got.float(), want, atol=0.02 * want.abs().max().item(), rtol=0.01)
+    assert torch.equal(amx(x[:1]), got[:1])  # a row's result does not depend on the batch
+    state = amx.state_dict()
+    assert torch.equal(state["weight"], lin.weight)
+    other = AmxLinear(torch.zeros(n, k, dtype=torch.bfloat16), lin.bias)
+    other.load_state_dict(state)
+    assert torch.equal(other(x), got)
+
+
+def test_amx_linear_is_chosen_only_for_its_shapes():
+    if not cpu_decode.amx_bf16_available():
+        pytest.skip("the AMX bf16 linear needs AMX-BF16 (CPU and OS permission)")
+    fits = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    odd = torch.nn.Linear(40, 48).to(torch.bfloat16)  # K % 32 != 0: oneDNN's packing
+    model = torch.nn.Sequential(fits, odd)
+    assert optimize_linears(model) == ["0", "1"]
+    assert type(model[0]) is AmxLinear
+    assert type(model[1]) is PackedLinear or not can_pack(odd.weight)

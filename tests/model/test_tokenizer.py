@@ -39,28 +39,35 @@ TEXTS = [
 ]
 
 
-def _unigram_model() -> bytes:
-    # A second, differently built test model: unigram instead of BPE, another size.
+def _train(**options) -> bytes:
+    """A SentencePiece model of the demo corpus, byte fallback and no normalisation, as ours."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(demo_corpus_lines()),
         model_writer=buf,
         vocab_size=1500,
-        model_type="unigram",
         byte_fallback=True,
-        split_digits=True,
         character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=2,
+        **options,
+    )
+    return buf.getvalue()
+
+
+def _unigram_model() -> bytes:
+    # A second, differently built test model: unigram instead of BPE, another size.
+    return _train(
+        model_type="unigram",
+        split_digits=True,
         unk_id=0,
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        num_threads=1,
         shuffle_input_sentence=False,
-        minloglevel=2,
     )
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module", params=["demo-bpe", "unigram"])
@@ -173,6 +180,95 @@ def test_special_names_in_user_text_are_plain_text(tok):
     assert not any(tok.is_special(i) for i in ids)
 
 
+# -- splicing generated reply ids into a chat prompt ---------------------------------------
+
+REPLIES = [
+    "你好！有什么可以帮你？",
+    "Hello, world!",
+    " a leading space and two  inner ones",
+    "trailing spaces  ",
+    "line one\nline two\n\n- a list item",
+    "emoji 😀👍🏽 and rare 龘靐",
+    "数字 1234567890",
+    "[gMASK] eop typed as text",
+    "x",
+]
+
+
+@pytest.mark.parametrize(
+    "text", ["\n\n[Round 2]\n\n问：hi\n\n答：", *REPLIES, " ", "\n", "\n\nword"]
+)
+def test_encode_continuation_has_no_dummy_prefix(tok, text):
+    ids = tok.encode_continuation(text)
+    assert tok.decode_segment(ids, at_start=False) == text
+    # what follows a newline (a byte piece) is tokenized as on its own, minus the dummy prefix
+    for before in ("你好", "Hello, world!", "答：", "a "):
+        joined = before + "\n" + text
+        assert _sp(tok).encode(joined) == _sp(tok).encode(before) + tok.encode_continuation(
+            "\n" + text
+        )
+    assert tok.encode_continuation("") == []
+
+
+def _history(n: int) -> list[tuple[str, str]]:
+    queries = ["你好", "Tell me a joke 😀", "再见", "1+1?", "next", "", "and?", "ok", "?"]
+    return [(queries[i % len(queries)], REPLIES[i % len(REPLIES)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("rounds", [1, 2, len(REPLIES)])
+def test_splicing_canonical_reply_ids_gives_the_plain_ids(tok, rounds):
+    history = _history(rounds)
+    plain = tok.encode_chat("最后一个问题", history)
+    # the reply's own tokenization where it stands (after "答：", a piece boundary)
+    canonical = {r: tok.encode_continuation(r) for _, r in history}
+    assert tok.encode_chat("最后一个问题", history, reply_ids=canonical.get) == plain
+    # only some replies known: the same
+    some = {r: ids for i, (r, ids) in enumerate(canonical.items()) if i % 2}
+    assert tok.encode_chat("最后一个问题", history, reply_ids=some.get) == plain
+    assert tok.encode_chat("最后一个问题", history, reply_ids=lambda r: None) == plain
+
+
+def test_generated_reply_ids_are_spliced_in_and_an_edited_reply_is_text(tok):
+    history = _history(3)
+    plain = tok.encode_chat("再来", history)
+    # "generated" ids that spell the replies one character at a time: not their tokenization
+    generated = {
+        r: [i for c in r for i in tok.encode_continuation(c)] for _, r in history if r != "x"
+    }
+    spliced = tok.encode_chat("再来", history, reply_ids=generated.get)
+    assert spliced != plain
+    assert tok.decode(spliced) == tok.decode(plain) == tok.build_chat_prompt("再来", history)
+    # the prompt is the text before each reply, the reply's ids, then the text after it
+    head = tok.encode(f"[Round 1]\n\n问：{history[0][0]}\n\n答：")
+    first = generated[history[0][1]]
+    assert spliced[: len(head) + len(first)] == head + first
+    for _, reply in history:
+        ids = generated[reply]
+        assert any(spliced[i : i + len(ids)] == ids for i in range(len(spliced))), reply
+    tail = tok.encode_continuation("\n\n[Round 4]\n\n问：再来\n\n答：")
+    assert spliced[-len(tail) :] == tail
+    # the client edited the second reply: that one is encoded as text again
+    edited = [history[0], (history[1][0], history[1][1] + " (edited)"), history[2]]
+    spliced_edited = tok.encode_chat("再来", edited, reply_ids=generated.get)
+    assert tok.decode(spliced_edited) == tok.build_chat_prompt("再来", edited)
+    assert spliced_edited[: len(head) + len(first)] == head + first
+    assert not any(
+        spliced_edited[i : i + len(generated[history[1][1]])] == generated[history[1][1]]
+        for i in range(len(spliced_edited))
+    )
+    # nothing known: plain ChatGLM2 ids
+    assert tok.encode_chat("再来", edited, reply_ids={}.get) == tok.encode_chat("再来", edited)
+
+
+def test_a_vocabulary_with_a_newline_piece_never_splices():
+    tok = ChatGLMTokenizer.from_bytes(_train(model_type="bpe", user_defined_symbols=["\n"]))
+    assert tok.encode_continuation("\n\nabc") is None
+    history = [("q", "a reply")]
+    assert tok.encode_chat("q2", history, reply_ids=lambda r: [5, 6]) == tok.encode_chat(
+        "q2", history
+    )
+
+
 def test_missing_or_corrupt_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         ChatGLMTokenizer(tmp_path / "nope.model")
@@ -263,3 +359,9 @@ def test_real_file_ids():
         build_chat_prompt("你好", [("a", "b")]),
     ):
         assert tok.decode(tok.encode(text)) == text
+    # the splice invariant on the real vocabulary
+    history = [("你好", r) for r in ("你好👋！我是人工智能助手 ChatGLM2-6B。", "Hello!", "a\nb ")]
+    canonical = {r: tok.encode_continuation(r) for _, r in history}
+    assert tok.encode_chat("再见", history, reply_ids=canonical.get) == tok.encode_chat(
+        "再见", history
+    )

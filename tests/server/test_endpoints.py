@@ -441,6 +441,93 @@ async def test_legacy_api(client, engine):
     assert 1 <= engine.stats().generation_tokens_total - before <= 3
 
 
+# --- a chat's second turn and the prefix cache ----------------------------------------------------
+
+Q1 = "Tell me how the engine batches requests, and what the scheduler does."
+Q2 = "Why?"
+
+
+def _counter(metrics_text: str, name: str) -> float:
+    line = next(ln for ln in metrics_text.splitlines() if ln.startswith(f"chatglm_{name}_total "))
+    return float(line.split()[-1])
+
+
+async def _prompt_token_counters(c: httpx.AsyncClient) -> tuple[float, float]:
+    text = (await c.get("/metrics")).text
+    return _counter(text, "prompt_tokens_computed"), _counter(text, "prompt_tokens_cached")
+
+
+def _assert_turn_two_reused_turn_one(engine, reply: str, computed: float, cached: float) -> int:
+    """The turn-2 prompt is turn 1's prompt + the reply's generated ids + the new text, and
+    only the new text (and the reply's last token, if never computed) was computed."""
+    p1 = engine.tokenizer.encode_chat(Q1, [])
+    reply_ids = engine.engine.reply_tokens.lookup(reply)
+    assert reply_ids is not None and engine.tokenizer.decode(reply_ids) == reply
+    new_text = engine.tokenizer.encode_continuation(f"\n\n[Round 2]\n\n问：{Q2}\n\n答：")
+    p2 = engine.encode_chat(Q2, [(Q1, reply)])
+    assert p2 == p1 + reply_ids + new_text
+    assert computed + cached == len(p2)
+    assert computed <= len(new_text) + 1, (computed, len(new_text), len(p2))
+    return len(p2)
+
+
+async def test_second_turn_over_openai_reuses_the_first_reply_from_the_cache(
+    make_app, engine_factory
+):
+    engine = engine_factory()
+    app = make_app(engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        # turn 1 streamed, as chat clients do; the client keeps the joined text
+        turn1 = {"messages": [{"role": "user", "content": Q1}], "stream": True}
+        r = await c.post("/v1/chat/completions", json={**turn1, "temperature": 0, "max_tokens": 40})
+        chunks, done = sse_json(r.text)
+        assert done
+        reply = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks)
+        assert reply
+        before = await _prompt_token_counters(c)
+        messages = [*turn1["messages"], {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": Q2})
+        r = await c.post("/v1/chat/completions", json={"messages": messages, **GREEDY})
+        assert r.status_code == 200, r.text
+        after = await _prompt_token_counters(c)
+        computed, cached = after[0] - before[0], after[1] - before[1]
+        n = _assert_turn_two_reused_turn_one(engine, reply, computed, cached)
+        assert r.json()["usage"]["prompt_tokens"] == n
+        # a reply the client edited is encoded as text: the cache is left inside the reply
+        edited = [*messages[:1], {"role": "assistant", "content": "Edited: " + reply}, messages[2]]
+        before = await _prompt_token_counters(c)
+        r = await c.post("/v1/chat/completions", json={"messages": edited, **GREEDY})
+        assert r.status_code == 200, r.text
+        ids = engine.tokenizer.encode_chat(Q2, [(Q1, "Edited: " + reply)])
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+        after = await _prompt_token_counters(c)
+        assert after[1] - before[1] <= len(engine.tokenizer.encode_chat(Q1, []))
+
+
+async def test_second_turn_over_legacy_api_reuses_the_first_reply_from_the_cache(
+    make_app, engine_factory
+):
+    engine = engine_factory()
+    app = make_app(engine)
+    p1 = engine.tokenizer.encode_chat(Q1, [])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.post("/", json={"prompt": Q1, "history": [], "max_length": len(p1) + 40})
+        assert r.status_code == 200, r.text
+        history = r.json()["history"]
+        reply = history[0][1]  # as the seed returns it: stripped
+        assert reply
+        before = engine.stats()
+        r = await c.post("/", json={"prompt": Q2, "history": history, "max_length": 250})
+        assert r.status_code == 200, r.text
+        after = engine.stats()
+    _assert_turn_two_reused_turn_one(
+        engine,
+        reply,
+        after.prompt_tokens_computed - before.prompt_tokens_computed,
+        after.prompt_tokens_cached - before.prompt_tokens_cached,
+    )
+
+
 async def test_legacy_bad_body(client):
     assert_openai_error(await client.post("/", json={"history": []}), 400)
     assert_openai_error(await client.post("/", json={"prompt": "x", "history": [["a"]]}), 400)

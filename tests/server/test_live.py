@@ -202,7 +202,7 @@ def test_next_web_replay(server, engine, shape):
 
     conversation = [*USER, {"role": "assistant", "content": reply}]
     r = next_web_title(server.url, payload, conversation)
-    n = len(engine.tokenizer.encode_chat(NEXT_WEB_TITLE, [(USER[0]["content"], reply)]))
+    n = len(engine.encode_chat(NEXT_WEB_TITLE, [(USER[0]["content"], reply)]))
     if n >= MAX_MODEL_LEN:
         # The demo model's reply used up the context, so the conversation itself no longer
         # fits: the one refusal allowed, naming both numbers (a real reply ends much sooner).

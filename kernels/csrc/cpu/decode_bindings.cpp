@@ -1,15 +1,13 @@
 // Python bindings of the CPU decode fast paths (kernels/cpu_decode.py builds and loads them).
-#include <torch/extension.h>
-
-torch::Tensor cpu_paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                         const torch::Tensor& v_cache,
-                                         const torch::Tensor& block_tables,
-                                         const torch::Tensor& seq_lens, double scale);
-torch::Tensor cpu_small_linear(const torch::Tensor& x, const torch::Tensor& w,
-                               const c10::optional<torch::Tensor>& bias);
+#include "decode_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &cpu_paged_decode_attention,
         "decode attention over a paged KV cache (CPU, fp32/bf16)");
   m.def("small_linear", &cpu_small_linear, "x[M<=16, K] @ w[N, K]^T + bias (CPU, fp32)");
+  m.def("amx_bf16_usable", &amx_bf16_usable, "whether AMX-BF16 runs here");
+  m.def("amx_bf16_pack", &amx_bf16_pack, "bf16 W[N, K] -> AMX B tiles [N/16, K/32, 16, 16, 2]");
+  m.def("amx_bf16_linear", &amx_bf16_linear, "x[M, K] @ W^T + bias, W packed (CPU, bf16, AMX)");
+  m.def("decode_stack", &cpu_decode_stack,
+        "every layer of a decode step for single-token rows (CPU, fp32/bf16)");
 }

@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -59,25 +61,9 @@ PA_CLONES void axpys(const float* p, int64_t stride, const float* v, float* acc,
   }
 }
 
-// e^x for x <= 0 (scores minus their maximum), to ~2 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2.
-// A plain-C++ polynomial so the loop vectorizes (std::exp is a scalar libm call per element).
+// e^x for x <= 0 (scores minus their maximum), element-wise; the loop vectorizes
 PA_CLONES void exp_nonpositive(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    float v = std::max(x[i], -87.f);  // below that, e^x is 0 in fp32 anyway
-    const float k = std::nearbyint(v * 1.44269504088896341f);
-    const float r = v - k * 0.693359375f + k * 2.12194440e-4f;  // Cody-Waite split of ln 2
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    x[i] = p * scale;
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = chatglm_cpu::exp_nonpositive(x[i]);
 }
 
 PA_CLONES void bf16_to_float(const uint16_t* src, uint32_t* dst, int64_t n) {

@@ -8,10 +8,10 @@
 // while the 4 weight rows stay in L1/L2 for the next activation rows.
 //
 // AVX-512 only (target attribute, checked at run time); the caller falls back to F.linear
-// elsewhere and for larger M. Threads split the weight rows. (A bf16 twin with vdpbf16ps made
-// the whole-model batch-1 step 8% faster than oneDNN's packed bf16 but the 16-stream step 18%
-// slower, where oneDNN uses AMX; oneDNN packing serves bf16 instead: model/cpu_linear.py.)
-#include <torch/extension.h>
+// elsewhere and for larger M. Threads split the weight rows. (A bf16 twin with vdpbf16ps was
+// slow from 4 rows on, where this CPU's vdpbf16ps throughput shows; bf16 runs on AMX instead:
+// amx_linear.cpp.)
+#include "decode_ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -36,21 +36,27 @@ bool cpu_ok() {
   return ok;
 }
 
-// acc[m][r] += x[m, k0:k0+16] . w[r, k0:k0+16] over all K, for MB activation rows and the
-// kRows weight rows starting at w; the sums land in out[m * ldo + r].
+// acc[m][r] += x[m, k0:k1] . w[r, k0:k1] (16 lanes each) for MB activation rows and the kRows
+// weight rows starting at w, with the accumulators kept in `accs` between K chunks. `next`, when
+// given, is the following weight block: its same columns are prefetched while this one is used,
+// so the weight stream from memory overlaps the arithmetic.
 template <int MB>
-__attribute__((target("avx512f,avx512dq,fma"))) inline void block(const float* x, int64_t ldx,
+__attribute__((target("avx512f,avx512dq,fma"))) inline void chunk(const float* x, int64_t ldx,
                                                                  const float* w, int64_t K,
-                                                                 float* out, int64_t ldo) {
+                                                                 int64_t k0, int64_t k1,
+                                                                 __m512* accs, const float* next) {
   __m512 acc[MB][kRows];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kRows; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int64_t kv = K & ~int64_t(15);
-  for (int64_t k = 0; k < kv; k += 16) {
+    for (int r = 0; r < kRows; ++r) acc[m][r] = accs[m * kRows + r];
+  for (int64_t k = k0; k < k1; k += 16) {
     const __m512 w0 = _mm512_loadu_ps(w + k);
     const __m512 w1 = _mm512_loadu_ps(w + K + k);
     const __m512 w2 = _mm512_loadu_ps(w + 2 * K + k);
     const __m512 w3 = _mm512_loadu_ps(w + 3 * K + k);
+    if (next != nullptr) {
+      for (int r = 0; r < kRows; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * K + k), _MM_HINT_T0);
+    }
     for (int m = 0; m < MB; ++m) {
       const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
       acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
@@ -59,25 +65,44 @@ __attribute__((target("avx512f,avx512dq,fma"))) inline void block(const float* x
       acc[m][3] = _mm512_fmadd_ps(xv, w3, acc[m][3]);
     }
   }
-  for (int m = 0; m < MB; ++m) {
-    for (int r = 0; r < kRows; ++r) {
-      float s = _mm512_reduce_add_ps(acc[m][r]);
-      for (int64_t k = kv; k < K; ++k) s += x[m * ldx + k] * w[r * K + k];
-      out[m * ldo + r] = s;
-    }
-  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kRows; ++r) accs[m * kRows + r] = acc[m][r];
 }
 
+// K per chunk from 5 rows on: every row's slice of x for a chunk (16 x 128 floats) and the
+// block's (4 x 128) stay in L1 while all rows pass over them. Below that x is small and one pass
+// over K is fastest. Measured on the medium model's weights streamed from memory, 16 rows:
+// 41 ms a pass at 128 against 50 ms without chunks or prefetch.
+constexpr int64_t kChunkK = 128;
+
+// out[m * ldo + r] = x[m] . w[r] for all M rows and the kRows weight rows at w
 __attribute__((target("avx512f,avx512dq,fma"))) void rows_block(const float* x, int64_t M,
                                                                 const float* w, int64_t K,
-                                                                float* out, int64_t ldo) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) block<4>(x + m * K, K, w, K, out + m * ldo, ldo);
-  switch (M - m) {
-    case 3: block<3>(x + m * K, K, w, K, out + m * ldo, ldo); break;
-    case 2: block<2>(x + m * K, K, w, K, out + m * ldo, ldo); break;
-    case 1: block<1>(x + m * K, K, w, K, out + m * ldo, ldo); break;
-    default: break;
+                                                                float* out, int64_t ldo,
+                                                                const float* next) {
+  alignas(64) __m512 accs[kMaxM * kRows];
+  for (int64_t i = 0; i < M * kRows; ++i) accs[i] = _mm512_setzero_ps();
+  const int64_t kv = K & ~int64_t(15);  // the vector part; the tail is summed below
+  const int64_t step = M > 4 ? kChunkK : std::max<int64_t>(kv, 16);
+  for (int64_t k0 = 0; k0 < kv; k0 += step) {
+    const int64_t k1 = std::min(kv, k0 + step);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      chunk<4>(x + m * K, K, w, K, k0, k1, accs + m * kRows, m == 0 ? next : nullptr);
+    const float* pf = m == 0 ? next : nullptr;
+    switch (M - m) {
+      case 3: chunk<3>(x + m * K, K, w, K, k0, k1, accs + m * kRows, pf); break;
+      case 2: chunk<2>(x + m * K, K, w, K, k0, k1, accs + m * kRows, pf); break;
+      case 1: chunk<1>(x + m * K, K, w, K, k0, k1, accs + m * kRows, pf); break;
+      default: break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int r = 0; r < kRows; ++r) {
+      float sum = _mm512_reduce_add_ps(accs[m * kRows + r]);
+      for (int64_t k = kv; k < K; ++k) sum += x[m * K + k] * w[r * K + k];
+      out[m * ldo + r] = sum;
+    }
   }
 }
 #endif
@@ -102,7 +127,10 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w,
   const int64_t blocks = N / kRows;
   // grain: enough rows per task that a thread streams long runs of weights
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows_block(xp, M, wp + b * kRows * K, K, op + b * kRows, N);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* next = b + 1 < b1 ? wp + (b + 1) * kRows * K : nullptr;
+      rows_block(xp, M, wp + b * kRows * K, K, op + b * kRows, N, next);
+    }
   });
   if (blocks * kRows < N) {  // the last N % 4 rows
     out.slice(1, blocks * kRows).copy_(torch::matmul(xc, w.slice(0, blocks * kRows).t()));

@@ -1,0 +1,84 @@
+"""A CPU decode step through every layer in one call, where the model's linears allow it.
+
+On a CPU the layer-by-layer forward of model/chatglm.py costs ~30 small ops and module calls
+per layer (norms, rotary, cache writes, SwiGLU, residuals): about a fifth of a batch-1 step of
+the medium model. For decode-only steps whose linears are our CPU decode ones (fp32
+`SmallBatchLinear` up to 16 rows, bf16 `AmxLinear`), kernels/csrc/cpu/decode_stack.cpp runs
+the same arithmetic in one C++ call; anything else returns None and the caller runs the
+layers itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from kernels import cpu_decode
+from model.attention import AttentionMetadata
+from model.cpu_linear import AmxLinear, SmallBatchLinear
+
+if TYPE_CHECKING:
+    from model.chatglm import ChatGLMForCausalLM
+
+
+def cpu_decode_step(
+    model: ChatGLMForCausalLM,
+    input_ids: Tensor,
+    positions: Tensor,
+    kv_caches: list[Tensor],
+    meta: AttentionMetadata,
+) -> Tensor | None:
+    """Final hidden states [T, hidden] of a decode-only step (T sequences, one token each), or
+    None where this path does not apply."""
+    t = model.transformer
+    emb = t.embedding.word_embeddings.weight
+    if emb.device.type != "cpu" or emb.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    linear_cls = SmallBatchLinear if emb.dtype == torch.float32 else AmxLinear
+    if emb.dtype == torch.float32 and input_ids.shape[0] > cpu_decode.SMALL_LINEAR_MAX_ROWS:
+        return None
+    weights: list[Tensor] = []
+    for layer, cache in zip(t.encoder.layers, kv_caches, strict=True):
+        attn, mlp = layer.self_attention, layer.mlp
+        linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        if (
+            any(type(lin) is not linear_cls for lin in linears)
+            or any(lin.bias is not None for lin in linears[1:])
+            or layer.input_layernorm.weight.dtype != emb.dtype
+            or layer.post_attention_layernorm.weight.dtype != emb.dtype
+            or cache.dtype != emb.dtype
+            or cache.device.type != "cpu"
+            or not cache.is_contiguous()
+        ):
+            return None
+        packed = linear_cls is AmxLinear
+        qkv_w, dense_w, up_w, down_w = (lin.packed if packed else lin.weight for lin in linears)
+        qkv_b = attn.query_key_value.bias
+        weights += [
+            layer.input_layernorm.weight,
+            qkv_w,
+            qkv_b if qkv_b is not None else emb.new_empty(0),
+            dense_w,
+            layer.post_attention_layernorm.weight,
+            up_w,
+            down_w,
+        ]
+    attn = t.encoder.layers[0].self_attention
+    # [T, rot/2, 2] (cos, sin) fp32
+    rotation = torch.view_as_real(t.rotary_pos_emb.rotation(positions).squeeze(1))
+    with torch.no_grad():
+        return cpu_decode.decode_stack(
+            t.embedding(input_ids),
+            weights,
+            kv_caches,
+            t.encoder.final_layernorm.weight,
+            rotation.contiguous(),
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.decode_lens(),
+            (attn.num_heads, attn.num_kv_heads, attn.head_dim),
+            t.encoder.final_layernorm.eps,
+            attn.scale,
+        )

@@ -1,0 +1,108 @@
+"""The one-call CPU decode step (model/cpu_step.py, kernels/csrc/cpu/decode_stack.cpp) against
+the layer-by-layer forward it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_decode
+from kernels.build import KernelUnavailable
+from model import cpu_step
+from model.chatglm import ChatGLMForCausalLM
+from model.cpu_linear import AmxLinear, SmallBatchLinear
+from tests.conftest import tiny_config
+from tests.paged import PagedRunner
+
+PROMPTS = [list(range(3, 40)), list(range(50, 55)), list(range(7, 24))]  # 37, 5 and 17 tokens
+
+
+def _needs(dtype: torch.dtype) -> None:
+    try:
+        cpu_decode.load_decode_kernels()
+    except KernelUnavailable as e:
+        pytest.skip(f"CPU decode kernels cannot be built here: {e}")
+    if dtype == torch.float32 and not cpu_decode.has_avx512():
+        pytest.skip("the fp32 decode step needs the AVX-512 small-batch kernel")
+    if dtype == torch.bfloat16 and not cpu_decode.amx_bf16_available():
+        pytest.skip("the bf16 decode step needs AMX-BF16 (CPU and OS permission)")
+
+
+def _model(dtype: torch.dtype, **cfg) -> ChatGLMForCausalLM:
+    model = ChatGLMForCausalLM.random(tiny_config(**cfg), dtype=dtype, seed=11, std=0.1)
+    model.optimize_for_cpu()
+    return model
+
+
+def _decode_logits(model: ChatGLMForCausalLM, stack: bool, steps: int = 3) -> list[torch.Tensor]:
+    """Prefill three sequences of different lengths, then decode them together `steps` times."""
+    model.use_decode_stack = stack
+    runner = PagedRunner(model)
+    for seq, ids in enumerate(PROMPTS):
+        runner.step([(seq, ids)])
+    out, nxt = [], [[9], [10], [11]]
+    for _ in range(steps):
+        logits = runner.step([(seq, nxt[seq]) for seq in range(len(PROMPTS))])
+        out.append(logits)
+        nxt = [[int(t)] for t in logits.argmax(-1)]
+    return out
+
+
+@pytest.mark.parametrize("cfg", [{}, {"add_qkv_bias": False}, {"num_layers": 3, "rope_ratio": 4.0}])
+def test_fp32_step_matches_layers(cfg):
+    _needs(torch.float32)
+    model = _model(torch.float32, **cfg)
+    assert isinstance(model.layers[0].mlp.dense_h_to_4h, SmallBatchLinear)
+    want = _decode_logits(model, stack=False)
+    got = _decode_logits(model, stack=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_step_matches_layers():
+    _needs(torch.bfloat16)
+    model = _model(torch.bfloat16)
+    assert isinstance(model.layers[0].self_attention.query_key_value, AmxLinear)
+    want = _decode_logits(model, stack=False)
+    got = _decode_logits(model, stack=True)
+    for g, w in zip(got, want, strict=True):
+        # same kernels for the matmuls; bf16 rounding of the small ops may differ in the last bit
+        torch.testing.assert_close(g, w, atol=0.05, rtol=0.02)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+def test_step_is_taken_only_where_it_applies(monkeypatch):
+    _needs(torch.float32)
+    calls = []
+    real = cpu_decode.decode_stack
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_step.cpu_decode, "decode_stack", counting)
+    model = _model(torch.float32)
+    runner = PagedRunner(model, max_seqs=20)
+    runner.step([(0, PROMPTS[0])])  # a prefill: layer by layer
+    assert calls == []
+    runner.step([(0, [5])])
+    assert calls == [1]
+    for seq in range(1, 17):  # 17 decodes at once: more rows than the fp32 kernel takes
+        runner.step([(seq, [4, 5])])
+    calls.clear()
+    runner.step([(seq, [6]) for seq in range(17)])
+    assert calls == []
+    model.use_decode_stack = False
+    runner.step([(0, [7])])
+    assert calls == []
+
+
+def test_plain_linears_fall_back(monkeypatch):
+    """Without optimize_for_cpu (plain nn.Linear) the layers run as before."""
+    _needs(torch.float32)
+    calls = []
+    monkeypatch.setattr(cpu_step.cpu_decode, "decode_stack", lambda *a, **k: calls.append(1))
+    model = ChatGLMForCausalLM.random(tiny_config(), seed=11, std=0.1)
+    runner = PagedRunner(model)
+    runner.step([(0, PROMPTS[0])])
+    logits = runner.step([(0, [3])])
+    assert calls == [] and logits.shape == (1, 320) and torch.isfinite(logits).all()
