@@ -327,15 +327,16 @@ def load_ours(args: argparse.Namespace):
 async def engine_load(args: argparse.Namespace, reqs: list[Request]) -> list[Record]:
     from engine.async_engine import AsyncEngine
     from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
     from engine.types import SamplingParams
 
-    model, tokenizer = load_ours(args)
     config = EngineConfig(
         max_num_seqs=max(args.concurrency, 16),
         max_model_len=args.max_model_len,
         num_threads=args.threads,
     )
-    engine = AsyncEngine(model, tokenizer, config)
+    # loaded on the engine's own thread, as the daemon does (AsyncEngine.launch)
+    engine = AsyncEngine.launch(lambda: LLMEngine(*load_ours(args), config))
     counter = iter(range(1 << 30))
 
     async def one(req: Request) -> Record:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -32,9 +32,22 @@ VERSION = "0.1.0"
 
 
 def load_engine(settings: Settings) -> AsyncEngine:
-    """Load the model and build the engine (blocking; minutes for a real checkpoint)."""
-    from engine.async_engine import AsyncEngine
+    """Load the model and start the engine (blocking; minutes for a real checkpoint).
 
+    The load runs on the engine's own step thread (AsyncEngine.launch says why)."""
+    from engine.async_engine import AsyncEngine
+    from engine.llm_engine import LLMEngine
+
+    def build() -> LLMEngine:
+        model, tokenizer = load_model(settings)
+        return LLMEngine(model, tokenizer, engine_config(settings))
+
+    return AsyncEngine.launch(build)
+
+
+def load_model(settings: Settings) -> tuple[Any, Any]:
+    """(model, tokenizer) as the settings place them: one device, a layer split, or tensor
+    parallel processes."""
     dtype = None if settings.dtype == "auto" else settings.dtype
     devices = settings.devices or [f"cuda:{i}" for i in range(settings.num_gpus or 0)]
     if settings.tensor_parallel_size > 1:  # every layer split over N processes
@@ -45,8 +58,7 @@ def load_engine(settings: Settings) -> AsyncEngine:
         )
         if started is None:  # a torchrun worker rank ends here (see cli.serve)
             raise RuntimeError("load_engine called in a tensor-parallel worker rank")
-        model, tokenizer = started
-        return AsyncEngine(model, tokenizer, engine_config(settings))
+        return started
     if len(devices) > 1 or settings.device_map:  # layer split over several devices
         from model.placement import load_placed
 
@@ -57,14 +69,12 @@ def load_engine(settings: Settings) -> AsyncEngine:
             quantize=settings.quantize,
             device_map=settings.device_map,
         )
-        return AsyncEngine(model, tokenizer, engine_config(settings))
+        return model, tokenizer
+    from model.loader import load_model_and_tokenizer
+
     device = devices[0] if devices else resolve_device(settings.device)
-    return AsyncEngine.from_pretrained(
-        settings.model,
-        dtype=dtype,
-        device=device,
-        quantize=settings.quantize,
-        config=engine_config(settings),
+    return load_model_and_tokenizer(
+        settings.model, dtype=dtype, device=device, quantize=settings.quantize
     )
 
 

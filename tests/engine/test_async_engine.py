@@ -226,3 +226,41 @@ async def test_from_pretrained_loads_a_checkpoint_dir(model, tokenizer, tmp_path
     ref = run(make_engine(model, tokenizer), [("fp", prompt(tokenizer), sp)])[("fp", 0)]
     assert [t for o in outs for t in o.token_ids] == ref.token_ids
     await eng.shutdown()
+
+
+async def test_launch_builds_and_steps_on_one_thread(model, tokenizer):
+    """The model is loaded on the thread that steps it (one OpenMP pool; see launch)."""
+    import threading
+
+    from engine.llm_engine import LLMEngine
+
+    threads = {}
+    config = EngineConfig(num_blocks=32, max_num_seqs=4, max_num_batched_tokens=32)
+
+    def build() -> LLMEngine:
+        threads["build"] = threading.current_thread()
+        return LLMEngine(model, tokenizer, config)
+
+    eng = AsyncEngine.launch(build)
+    assert eng.is_running and threads["build"] is not threading.current_thread()
+    real_step = eng.engine.step
+
+    def step():
+        threads["step"] = threading.current_thread()
+        return real_step()
+
+    eng.engine.step = step
+    eng.start()  # already running: no second thread
+    sp = SamplingParams(max_tokens=3, **GREEDY)
+    outs = (await collect(eng.generate(prompt(tokenizer), sp, "l")))[0]
+    assert sum(len(o.token_ids) for o in outs) == 3
+    assert threads["step"] is threads["build"]
+    await eng.shutdown()
+
+
+def test_launch_reraises_what_the_build_raised():
+    def build():
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        AsyncEngine.launch(build)

@@ -181,7 +181,7 @@ torch::Tensor amx_bf16_linear(const torch::Tensor& x, const torch::Tensor& packe
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t ngroups = (N / kTileN + kGroup - 1) / kGroup;
-  at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
+  chatglm_cpu::parallel_chunks(ngroups, 2, [&](int64_t g0, int64_t g1) {
     groups(xp, M, K, wp, N, bp, op, g0, g1);
   });
   return out;

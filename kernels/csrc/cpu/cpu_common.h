@@ -1,9 +1,16 @@
 // Small pieces shared by the CPU kernels: a vectorizable e^x and the AMX permission request.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -40,6 +47,27 @@ inline bool request_amx_permission() {
 #else
   return false;
 #endif
+}
+
+// fn(begin, end) over [0, n) in chunks of `grain`, each thread taking the next chunk when done
+// with its last. at::parallel_for splits the range evenly up front, so a thread the OS preempts
+// (the server's event loop shares these 2 cores) holds up the whole step; here the other thread
+// takes over its remaining chunks.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, const F& fn) {
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = (n + grain - 1) / grain;
+#if defined(_OPENMP)
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
+  if (threads > 1 && !omp_in_parallel()) {
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
+    for (int64_t b = next.fetch_add(grain); b < n; b = next.fetch_add(grain))
+      fn(b, std::min(n, b + grain));
+    return;
+  }
+#endif
+  if (n > 0) fn(0, n);
 }
 
 }  // namespace chatglm_cpu

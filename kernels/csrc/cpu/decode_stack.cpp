@@ -33,10 +33,14 @@ namespace {
 constexpr int kPerLayer = 7;
 using bf16 = c10::BFloat16;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DS_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// The step only runs where its matmuls do (fp32: AVX-512; bf16: AMX, which implies AVX-512),
+// so its element-wise loops are compiled for AVX-512 outright.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define DS_X86 1
 #else
-#define DS_CLONES
+#define DS_AVX512
+#define DS_X86 0
 #endif
 
 template <typename T>
@@ -59,7 +63,7 @@ int64_t out_features(const torch::Tensor& w) {
 
 // sum of x^2 in 16 partial sums, so the loop vectorizes without reassociation flags
 template <typename T>
-DS_CLONES float sum_squares(const T* x, int64_t n) {
+DS_AVX512 float sum_squares(const T* x, int64_t n) {
   float acc[16] = {0};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -72,7 +76,7 @@ DS_CLONES float sum_squares(const T* x, int64_t n) {
 
 // out[m] = rmsnorm(x[m]) * weight, as model/chatglm.py's RMSNorm for the dtype
 template <typename T>
-void rms_norm(const T* x, const T* weight, T* out, int64_t M, int64_t H, float eps) {
+DS_AVX512 void rms_norm(const T* x, const T* weight, T* out, int64_t M, int64_t H, float eps) {
   for (int64_t m = 0; m < M; ++m) {
     const T* xm = x + m * H;
     T* om = out + m * H;
@@ -90,7 +94,7 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t M, int64_t H, float e
 
 // rotate q and k heads (the first nheads of each row) on channels [0, rot) as pairs (2i, 2i+1)
 template <typename T>
-void rotary(T* qkv, int64_t ld, const float* rotation, int64_t M, int64_t nheads, int64_t D,
+DS_AVX512 void rotary(T* qkv, int64_t ld, const float* rotation, int64_t M, int64_t nheads, int64_t D,
             int64_t rot) {
   for (int64_t m = 0; m < M; ++m) {
     const float* cs = rotation + m * rot;  // [rot/2, 2]
@@ -108,7 +112,7 @@ void rotary(T* qkv, int64_t ld, const float* rotation, int64_t M, int64_t nheads
 // out[m, j] = silu(g[m, j]) * g[m, F + j]; half precision rounds silu first, as F.silu does
 // (sigmoid from e^-|a|, so the exponent is never positive)
 template <typename T>
-DS_CLONES void silu_mul(const T* g, T* out, int64_t M, int64_t F) {
+DS_AVX512 void silu_mul(const T* g, T* out, int64_t M, int64_t F) {
   for (int64_t m = 0; m < M; ++m) {
     const T* gm = g + m * 2 * F;
     T* om = out + m * F;
@@ -123,7 +127,7 @@ DS_CLONES void silu_mul(const T* g, T* out, int64_t M, int64_t F) {
 }
 
 template <typename T>
-void add_(T* y, const T* x, int64_t n) {
+DS_AVX512 void add_(T* y, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = T(f(y[i]) + f(x[i]));
 }
 
@@ -163,7 +167,11 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
     const int64_t ffn = out_features(w[5]) / 2;
     auto g = linear(h, w[5], torch::Tensor(), 2 * ffn);  // [M, 2 F]
     auto a = torch::empty({M, ffn}, x.options());
-    silu_mul(g.data_ptr<T>(), a.data_ptr<T>(), M, ffn);
+    const T* gp = g.data_ptr<T>();
+    T* ap = a.data_ptr<T>();
+    chatglm_cpu::parallel_chunks(M, 4, [&](int64_t m0, int64_t m1) {
+      silu_mul(gp + m0 * 2 * ffn, ap + m0 * ffn, m1 - m0, ffn);
+    });
     y = linear(a, w[6], torch::Tensor(), H);
     add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
     x = y;
@@ -189,6 +197,13 @@ torch::Tensor cpu_decode_stack(const torch::Tensor& x, const std::vector<torch::
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(),
               "decode_stack: x must be a contiguous [B, hidden] CPU tensor");
   TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16, "decode_stack: fp32 or bf16 only");
+#if DS_X86
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
+              "decode_stack: needs AVX-512");
+#else
+  TORCH_CHECK(false, "decode_stack: needs an x86-64 CPU with AVX-512");
+#endif
   TORCH_CHECK(weights.size() == kv_caches.size() * kPerLayer,
               "decode_stack: 7 weights per layer");
   const int64_t M = x.size(0), H = x.size(1);

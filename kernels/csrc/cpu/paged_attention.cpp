@@ -193,7 +193,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const bool fast = false;
 #endif
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // items differ in length (each sequence its own): handed out one at a time
+  chatglm_cpu::parallel_chunks(B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(g * D), acc(g * D), buf(D), scores;
     std::vector<uint32_t> ubuf(D);
     std::vector<const T*> rows_k, rows_v;

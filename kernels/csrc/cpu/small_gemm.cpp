@@ -11,6 +11,7 @@
 // elsewhere and for larger M. Threads split the weight rows. (A bf16 twin with vdpbf16ps was
 // slow from 4 rows on, where this CPU's vdpbf16ps throughput shows; bf16 runs on AMX instead:
 // amx_linear.cpp.)
+#include "cpu_common.h"
 #include "decode_ops.h"
 
 #include <ATen/Parallel.h>
@@ -125,8 +126,8 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w,
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t blocks = N / kRows;
-  // grain: enough rows per task that a thread streams long runs of weights
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+  // chunks of 8 blocks (32 weight rows): long weight runs per task, and enough tasks to rebalance
+  chatglm_cpu::parallel_chunks(blocks, 32, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* next = b + 1 < b1 ? wp + (b + 1) * kRows * K : nullptr;
       rows_block(xp, M, wp + b * kRows * K, K, op + b * kRows, N, next);
