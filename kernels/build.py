@@ -352,7 +352,10 @@ def _cpu_targets() -> list[tuple[str, Callable[[bool], ModuleType]]]:
 
     return [
         ("CPU quantized matmul", load_cpu_kernels),
-        ("CPU decode (paged attention, small linears)", cpu_decode.load_decode_kernels),
+        (
+            "CPU decode (paged attention, small and AMX linears, decode step)",
+            cpu_decode.load_decode_kernels,
+        ),
     ]
 
 
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cpu",
         action="store_true",
-        help="the CPU kernels (quantized matmul; decode attention and small linears)",
+        help="the CPU kernels (quantized matmul; decode attention, linears and step)",
     )
     p.add_argument(
         "--cuda",

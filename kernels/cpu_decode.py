@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SOURCES = [
     CSRC / "cpu" / "paged_attention.cpp",
     CSRC / "cpu" / "small_gemm.cpp",
+    CSRC / "cpu" / "panel_linear.cpp",
     CSRC / "cpu" / "amx_linear.cpp",
     CSRC / "cpu" / "decode_stack.cpp",
     CSRC / "cpu" / "decode_bindings.cpp",
@@ -110,6 +111,26 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     if ext is None:
         return None
     return ext.small_linear(x, weight, bias)
+
+
+def panel_pack(weight: Tensor) -> Tensor:
+    """fp32 W [N, K] (N % 16 == 0) -> panels [N/16, K, 16] for panel_linear."""
+    ext = decode_kernels_or_none()
+    assert ext is not None, "panel_pack: call only where the decode kernels load"
+    return ext.panel_pack(weight)
+
+
+def panel_unpack(packed: Tensor) -> Tensor:
+    """The inverse of panel_pack (a dense copy)."""
+    p, k, j = packed.shape
+    return packed.transpose(1, 2).reshape(p * j, k)
+
+
+def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """x [M, K] fp32 @ W^T + bias, W in panels (panel_pack)."""
+    ext = decode_kernels_or_none()
+    assert ext is not None, "panel_linear: call only where the decode kernels load"
+    return ext.panel_linear(x, packed, bias)
 
 
 @functools.cache

@@ -12,9 +12,11 @@ the weights stream from memory (one row) or how well the FMA units are used (a d
     Either packed weight replaces the dense one (no second copy in memory); `weight` and the
     state dict give a dense copy back on request.
   * fp32: MKL's sgemv is at the bandwidth for one row, but from a few rows on its sgemm runs
-    far below the FMA peak (16 rows took 3x one row). `SmallBatchLinear` keeps the plain weight
-    and sends up to 16 rows to our AVX-512 kernel (kernels/csrc/cpu/small_gemm.cpp), the rest
-    (prefill) to MKL.
+    far below the FMA peak (16 rows took 3x one row). `PanelLinear` packs the weight once into
+    panels of 16 rows for our AVX-512 GEMM kernel (kernels/csrc/cpu/panel_linear.cpp), which
+    beats MKL from one row to prefill chunks. Shapes it cannot pack (N % 16 != 0) keep the plain
+    weight as `SmallBatchLinear`: up to 16 rows to our dot-product kernel (small_gemm.cpp), the
+    rest to MKL.
 """
 
 from __future__ import annotations
@@ -90,10 +92,12 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, self.in_features).to(self.dtype), self.packed, self.bias, "none", [], ""
-        )
+        y = self._matmul(x.reshape(-1, self.in_features).to(self.dtype))
         return y.view(*lead, self.out_features)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """x [M, in_features] in the weight's dtype -> [M, out_features]."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         destination[prefix + "weight"] = self.weight
@@ -142,15 +146,29 @@ class AmxLinear(PackedLinear):
     def weight(self) -> Tensor:
         return cpu_decode.amx_bf16_unpack(self.packed)
 
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        y = cpu_decode.amx_bf16_linear(
-            x.reshape(-1, self.in_features).to(self.dtype),
-            self.packed,
-            self.out_features,
-            self.bias,
-        )
-        return y.view(*lead, self.out_features)
+    def _matmul(self, x: Tensor) -> Tensor:
+        return cpu_decode.amx_bf16_linear(x, self.packed, self.out_features, self.bias)
+
+
+class PanelLinear(PackedLinear):
+    """`y = x W^T + b` in fp32, W packed into our GEMM kernel's panels (CPU, AVX-512)."""
+
+    layout = "panel"
+
+    def _pack(self, weight: Tensor) -> Tensor:
+        return cpu_decode.panel_pack(weight.contiguous())
+
+    @property
+    def weight(self) -> Tensor:
+        return cpu_decode.panel_unpack(self.packed)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return cpu_decode.panel_linear(x, self.packed, self.bias)
+
+
+def can_use_panels(weight: Tensor) -> bool:
+    """Whether our fp32 panel kernel takes this weight."""
+    return can_use_small_batch(weight) and weight.shape[0] % 16 == 0
 
 
 def can_use_amx(weight: Tensor) -> bool:
@@ -168,19 +186,22 @@ def can_use_amx(weight: Tensor) -> bool:
 def optimize_linears(model: nn.Module) -> list[str]:
     """Give every plain nn.Linear on a CPU its decode matmul; returns their names.
 
-    bf16 weights become `AmxLinear` where AMX runs, else (and fp16) `PackedLinear`; fp32 ones `SmallBatchLinear` (a class change in
-    place: the parameters stay). Subclasses (tensor-parallel linears) and quantized linears
-    are left alone.
+    bf16 weights become `AmxLinear` where AMX runs, else (and fp16) `PackedLinear`; fp32 ones
+    `PanelLinear`, or `SmallBatchLinear` where N % 16 != 0 (a class change in place: the
+    parameters stay). Subclasses (tensor-parallel linears) and quantized linears are left alone.
     """
     names = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
+        w = module.weight
         packed_cls = (
             AmxLinear
-            if can_use_amx(module.weight)
+            if can_use_amx(w)
+            else PanelLinear
+            if can_use_panels(w)
             else PackedLinear
-            if can_pack(module.weight)
+            if can_pack(w)
             else None
         )
         if packed_cls is not None:

@@ -3,7 +3,7 @@
 On a CPU the layer-by-layer forward of model/chatglm.py costs ~30 small ops and module calls
 per layer (norms, rotary, cache writes, SwiGLU, residuals): about a fifth of a batch-1 step of
 the medium model. For decode-only steps whose linears are our CPU decode ones (fp32
-`SmallBatchLinear` up to 16 rows, bf16 `AmxLinear`), kernels/csrc/cpu/decode_stack.cpp runs
+`PanelLinear`, or `SmallBatchLinear` up to 16 rows; bf16 `AmxLinear`), decode_stack.cpp runs
 the same arithmetic in one C++ call; anything else returns None and the caller runs the
 layers itself.
 """
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kernels import cpu_decode
 from model.attention import AttentionMetadata
-from model.cpu_linear import AmxLinear, SmallBatchLinear
+from model.cpu_linear import AmxLinear, PackedLinear, PanelLinear, SmallBatchLinear
 
 if TYPE_CHECKING:
     from model.chatglm import ChatGLMForCausalLM
@@ -36,15 +36,18 @@ def cpu_decode_step(
     emb = t.embedding.word_embeddings.weight
     if emb.device.type != "cpu" or emb.dtype not in (torch.float32, torch.bfloat16):
         return None
-    linear_cls = SmallBatchLinear if emb.dtype == torch.float32 else AmxLinear
-    if emb.dtype == torch.float32 and input_ids.shape[0] > cpu_decode.SMALL_LINEAR_MAX_ROWS:
-        return None
+    # the linears the C++ step can call: packed ones (any rows), plain fp32 ones (up to 16 rows)
+    packed_cls = PanelLinear if emb.dtype == torch.float32 else AmxLinear
+    plain_ok = emb.dtype == torch.float32 and input_ids.shape[0] <= cpu_decode.SMALL_LINEAR_MAX_ROWS
     weights: list[Tensor] = []
     for layer, cache in zip(t.encoder.layers, kv_caches, strict=True):
         attn, mlp = layer.self_attention, layer.mlp
         linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         if (
-            any(type(lin) is not linear_cls for lin in linears)
+            any(
+                type(lin) is not packed_cls and not (plain_ok and type(lin) is SmallBatchLinear)
+                for lin in linears
+            )
             or any(lin.bias is not None for lin in linears[1:])
             or layer.input_layernorm.weight.dtype != emb.dtype
             or layer.post_attention_layernorm.weight.dtype != emb.dtype
@@ -53,8 +56,9 @@ def cpu_decode_step(
             or not cache.is_contiguous()
         ):
             return None
-        packed = linear_cls is AmxLinear
-        qkv_w, dense_w, up_w, down_w = (lin.packed if packed else lin.weight for lin in linears)
+        qkv_w, dense_w, up_w, down_w = (
+            lin.packed if isinstance(lin, PackedLinear) else lin.weight for lin in linears
+        )
         qkv_b = attn.query_key_value.bias
         weights += [
             layer.input_layernorm.weight,

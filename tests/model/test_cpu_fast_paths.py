@@ -17,6 +17,7 @@ from model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
 from model.cpu_linear import (
     AmxLinear,
     PackedLinear,
+    PanelLinear,
     SmallBatchLinear,
     can_pack,
     optimize_linears,
@@ -158,7 +159,8 @@ def test_fp32_linears_keep_their_weights_and_match(tiny_cfg):
     assert not can_pack(model.transformer.output_layer.weight)
     names = model.optimize_for_cpu()
     assert len(names) == 4 * tiny_cfg.num_layers + 1
-    assert all(isinstance(model.get_submodule(n), SmallBatchLinear) for n in names)
+    # every tiny-config weight has N % 16 == 0: all in panels
+    assert all(isinstance(model.get_submodule(n), PanelLinear) for n in names)
     torch.testing.assert_close(PagedRunner(model).step([(0, ids)]), want, atol=1e-5, rtol=1e-5)
     got_decode = [PagedRunner(model).step([(i, ids[: 5 + i]) for i in range(3)])]
     torch.testing.assert_close(got_decode, want_decode, atol=1e-5, rtol=1e-5)
@@ -177,6 +179,8 @@ def test_small_linear_kernel_matches_f_linear(rows, n, k):
     x = torch.randn(rows, k, generator=g)
     torch.testing.assert_close(ext.small_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ext.small_linear(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    if n % 16 == 0:
+        return  # such weights go into panels (test_panel_linear_matches_linear_and_round_trips)
     lin = torch.nn.Linear(k, n)
     assert optimize_linears(torch.nn.Sequential(lin)) == ["0"]
     assert isinstance(lin, SmallBatchLinear)
@@ -264,3 +268,37 @@ def test_amx_linear_is_chosen_only_for_its_shapes():
     assert optimize_linears(model) == ["0", "1"]
     assert type(model[0]) is AmxLinear
     assert type(model[1]) is PackedLinear or not can_pack(odd.weight)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 37])
+@pytest.mark.parametrize(("n", "k"), [(80, 96), (16, 7), (48, 130)])
+def test_panel_linear_matches_linear_and_round_trips(rows, n, k):
+    if not cpu_decode.has_avx512():
+        pytest.skip("the fp32 panel kernel needs AVX-512")
+    _kernel()
+    g = torch.Generator().manual_seed(rows * 100 + n + k)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+        lin.bias.copy_(torch.randn(n, generator=g))
+    panel = PanelLinear.from_linear(lin)
+    assert torch.equal(cpu_decode.panel_unpack(panel.packed), lin.weight)
+    x = torch.randn(rows, k, generator=g)
+    with torch.no_grad():
+        want = F.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(panel(x), want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(panel(x[:1]), panel(x)[:1])  # a row's result does not depend on the batch
+    state = panel.state_dict()
+    assert torch.equal(state["weight"], lin.weight) and torch.equal(state["bias"], lin.bias)
+    other = PanelLinear(torch.zeros(n, k), torch.zeros(n))
+    other.load_state_dict(state)
+    assert torch.equal(other(x), panel(x))
+
+
+def test_fp32_linears_of_other_shapes_stay_plain():
+    if not cpu_decode.has_avx512():
+        pytest.skip("the fp32 kernels need AVX-512")
+    _kernel()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40))
+    assert optimize_linears(model) == ["0", "1"]
+    assert type(model[0]) is PanelLinear and type(model[1]) is SmallBatchLinear

@@ -10,7 +10,7 @@ from kernels import cpu_decode
 from kernels.build import KernelUnavailable
 from model import cpu_step
 from model.chatglm import ChatGLMForCausalLM
-from model.cpu_linear import AmxLinear, SmallBatchLinear
+from model.cpu_linear import AmxLinear, PanelLinear, SmallBatchLinear
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 
@@ -52,7 +52,7 @@ def _decode_logits(model: ChatGLMForCausalLM, stack: bool, steps: int = 3) -> li
 def test_fp32_step_matches_layers(cfg):
     _needs(torch.float32)
     model = _model(torch.float32, **cfg)
-    assert isinstance(model.layers[0].mlp.dense_h_to_4h, SmallBatchLinear)
+    assert isinstance(model.layers[0].mlp.dense_h_to_4h, PanelLinear)
     want = _decode_logits(model, stack=False)
     got = _decode_logits(model, stack=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -86,14 +86,42 @@ def test_step_is_taken_only_where_it_applies(monkeypatch):
     assert calls == []
     runner.step([(0, [5])])
     assert calls == [1]
-    for seq in range(1, 17):  # 17 decodes at once: more rows than the fp32 kernel takes
+    for seq in range(1, 17):
         runner.step([(seq, [4, 5])])
     calls.clear()
-    runner.step([(seq, [6]) for seq in range(17)])
-    assert calls == []
+    runner.step([(seq, [6]) for seq in range(17)])  # 17 rows: panels take any count
+    assert calls == [17]
     model.use_decode_stack = False
     runner.step([(0, [7])])
-    assert calls == []
+    assert calls == [17]
+
+
+def test_plain_fp32_linears_take_at_most_16_rows(monkeypatch):
+    """SmallBatchLinear (weights it cannot pack) runs up to 16 rows: beyond, layer by layer."""
+    _needs(torch.float32)
+    model = _model(torch.float32)
+    for layer in model.layers:  # as if no weight could be packed
+        mlp = layer.mlp
+        for name in ("dense_h_to_4h", "dense_4h_to_h"):
+            panel = getattr(mlp, name)
+            plain = torch.nn.Linear(panel.in_features, panel.out_features, bias=False)
+            with torch.no_grad():
+                plain.weight.copy_(panel.weight)
+            plain.__class__ = SmallBatchLinear
+            setattr(mlp, name, plain)
+    calls = []
+    real = cpu_decode.decode_stack
+    monkeypatch.setattr(
+        cpu_step.cpu_decode,
+        "decode_stack",
+        lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k),
+    )
+    runner = PagedRunner(model, max_seqs=20)
+    for seq in range(17):
+        runner.step([(seq, [4, 5])])
+    runner.step([(seq, [6]) for seq in range(16)])
+    runner.step([(seq, [7]) for seq in range(17)])
+    assert calls == [16]
 
 
 def test_plain_linears_fall_back(monkeypatch):

@@ -13,6 +13,10 @@ torch::Tensor cpu_paged_decode_attention(const torch::Tensor& q, const torch::Te
 // small_gemm.cpp
 torch::Tensor cpu_small_linear(const torch::Tensor& x, const torch::Tensor& w,
                                const c10::optional<torch::Tensor>& bias);
+// panel_linear.cpp
+torch::Tensor panel_pack(const torch::Tensor& w);
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                           const c10::optional<torch::Tensor>& bias);
 // amx_linear.cpp
 bool amx_bf16_usable();
 torch::Tensor amx_bf16_pack(const torch::Tensor& w);

@@ -53,12 +53,13 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
                      int64_t N) {
   const c10::optional<torch::Tensor> bias =
       b.defined() && b.numel() > 0 ? c10::optional<torch::Tensor>(b) : c10::nullopt;
-  if (x.scalar_type() == torch::kFloat) return cpu_small_linear(x, w, bias);
-  return amx_bf16_linear(x, w, N, bias);
+  if (x.scalar_type() != torch::kFloat) return amx_bf16_linear(x, w, N, bias);
+  return w.dim() == 3 ? panel_linear(x, w, bias) : cpu_small_linear(x, w, bias);
 }
 
 int64_t out_features(const torch::Tensor& w) {
-  return w.dim() == 2 ? w.size(0) : w.size(0) * w.size(3);  // packed: [N/16, K/32, 16, 16, 2]
+  if (w.dim() == 3) return w.size(0) * w.size(2);  // fp32 panels [N/16, K, 16]
+  return w.dim() == 2 ? w.size(0) : w.size(0) * w.size(3);  // bf16 AMX: [N/16, K/32, 16, 16, 2]
 }
 
 // sum of x^2 in 16 partial sums, so the loop vectorizes without reassociation flags
