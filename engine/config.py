@@ -36,6 +36,9 @@ class EngineConfig:
     seed: int = 0  # seeds the generator that unseeded requests draw from
     # torch intra-op (OpenMP) threads for the forward pass; None = torch's default (all cores)
     num_threads: int | None = None
+    # decode-only steps replayed from CUDA graphs per batch bucket (engine/cuda_graphs.py); used
+    # only when the whole model sits on one CUDA device without tensor parallel
+    cuda_graphs: bool = True
 
     def validate(self) -> None:
         def refuse(name: str, why: str) -> None:

@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import (
+    CaptureStrategy,
+    CUDAGraphStrategy,
+    DecodeGraphRunner,
+    decode_graph_device,
+)
 from engine.scheduler import ScheduledSeq
 from model.attention import AttentionMetadata
 from model.chatglm import ChatGLMForCausalLM
@@ -113,7 +119,11 @@ class ModelRunner:
         config: EngineConfig,
         plan: KVCachePlan,
         max_model_len: int,
+        decode_graphs: CaptureStrategy | None = None,
     ) -> None:
+        """decode_graphs: how decode-only steps are captured (engine/cuda_graphs.py); None = CUDA
+        graphs where config.cuda_graphs and the model sits on one CUDA device, else none. Tests
+        pass EagerStrategy() to run the padded static-buffer path on CPU."""
         self.model = model
         self.config = config
         if config.num_threads:
@@ -128,13 +138,37 @@ class ModelRunner:
         self.num_blocks = plan.num_blocks
         self.input_device = model.transformer.embedding.word_embeddings.weight.device
         self.cache_device = model.layer_devices()[0]
+        if decode_graphs is None:
+            graph_device = decode_graph_device(model, config.cuda_graphs)
+            if graph_device is not None:
+                decode_graphs = CUDAGraphStrategy(graph_device)
+        # with decode graphs the cache has one more block than the block manager hands out: the
+        # scratch block that padding rows write their K/V to
+        cache_blocks = plan.num_blocks + (decode_graphs is not None)
         self.kv_caches: list[Tensor] = [
             torch.zeros(
-                model.kv_cache_shape(plan.num_blocks, plan.block_size), dtype=plan.dtype, device=d
+                model.kv_cache_shape(cache_blocks, plan.block_size), dtype=plan.dtype, device=d
             )
             for d in model.layer_devices()
         ]
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
+        self.graphs: DecodeGraphRunner | None = None
+        if decode_graphs is not None:
+            self.graphs = DecodeGraphRunner(
+                model,
+                self.kv_caches,
+                decode_graphs,
+                device=self.cache_device,
+                block_size=self.block_size,
+                scratch_block=plan.num_blocks,
+                max_num_seqs=config.max_num_seqs,
+                max_blocks_per_seq=self.max_blocks_per_seq,
+            )
+            log.info(
+                "decode steps: %s per batch bucket %s, captured at first use",
+                decode_graphs.name,
+                self.graphs.batch_buckets,
+            )
         # host staging for block tables, reused every step
         self._tables = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int64)
         self._pin = self.cache_device.type == "cuda"
@@ -181,8 +215,29 @@ class ModelRunner:
             nb = (end + bs - 1) // bs
             width = max(width, nb)
             self._tables[i, :nb] = table[:nb]
-        num_seqs = len(batch)
-        tables = self._tables[:num_seqs, :width]
+        hidden = None
+        if num_prefills == 0 and batch and self.graphs is not None:
+            # None when the step fits no bucket (or capture failed): the eager path below
+            hidden = self.graphs.run(ids, positions, slots, seq_lens, self._tables, width)
+        if hidden is None:
+            hidden = self._forward(ids, positions, slots, qsl, seq_lens, num_prefills, width)
+        if not sample_rows:
+            return hidden.new_empty((0, self.model.config.padded_vocab_size), dtype=torch.float32)
+        rows = self._to(sample_rows, hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def _forward(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        qsl: list[int],
+        seq_lens: list[int],
+        num_prefills: int,
+        width: int,
+    ) -> Tensor:
+        bs = self.block_size
+        tables = self._tables[: len(seq_lens), :width]
         meta = AttentionMetadata(
             slot_mapping=self._to(slots, self.cache_device),
             query_start_loc=qsl,
@@ -194,8 +249,4 @@ class ModelRunner:
         )
         input_ids = self._to(ids, self.input_device)
         pos = self._to(positions, self.input_device)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)
-        if not sample_rows:
-            return hidden.new_empty((0, self.model.config.padded_vocab_size), dtype=torch.float32)
-        rows = self._to(sample_rows, hidden.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        return self.model(input_ids, pos, self.kv_caches, meta)

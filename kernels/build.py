@@ -42,9 +42,14 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = [CSRC / "cpu" / "quant_matmul.cpp"]
 CPU_HEADERS = [CSRC / "cpu" / "cpu_common.h"]
-CUDA_KERNEL_SOURCES = [CSRC / "cuda" / "quant_gemv.cu"]
+# one CUDA extension: the weight-only GEMV/dequantize and the paged decode attention
+CUDA_KERNEL_SOURCES = [CSRC / "cuda" / "quant_gemv.cu", CSRC / "cuda" / "paged_attention.cu"]
 CUDA_SOURCES = [CSRC / "cuda" / "bindings.cpp", *CUDA_KERNEL_SOURCES]
-CUDA_HEADERS = [CSRC / "cuda" / "quant_gemv.h"]
+CUDA_HEADERS = [
+    CSRC / "cuda" / "quant_gemv.h",
+    CSRC / "cuda" / "quant_decode.cuh",
+    CSRC / "cuda" / "paged_attention.h",
+]
 
 # -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
 _CPU_CFLAGS = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
@@ -304,8 +309,8 @@ def build_cuda_kernels(verbose: bool = False) -> ModuleType:
 
 @functools.cache
 def load_cuda_kernels(verbose: bool = False) -> ModuleType:
-    """The CUDA weight-only GEMV/dequant extension; needs a CUDA build of torch, a GPU, and
-    either a prebuilt extension in the cache or nvcc to compile one."""
+    """The CUDA extension (weight-only GEMV/dequant, paged decode attention); needs a CUDA build
+    of torch, a GPU, and either a prebuilt extension in the cache or nvcc to compile one."""
     if torch.version.cuda is None:
         raise KernelUnavailable(
             f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch"
@@ -313,6 +318,16 @@ def load_cuda_kernels(verbose: bool = False) -> ModuleType:
     if not torch.cuda.is_available():
         raise KernelUnavailable("no CUDA device is visible (torch.cuda.is_available() is False)")
     return build_cuda_kernels(verbose)
+
+
+@functools.cache
+def cuda_kernels_or_none() -> ModuleType | None:
+    """load_cuda_kernels(), or None (logged once) where it cannot be built or loaded."""
+    try:
+        return load_cuda_kernels()
+    except KernelUnavailable as e:
+        log.warning("CUDA kernels unavailable, using the PyTorch paths: %s", e)
+        return None
 
 
 def nvcc_object_cmd(
@@ -390,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         arches = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
             f"{a[0]}.{a[1]}" for a in _CUDA_ARCHES
         )
-        targets.append((f"CUDA quantized GEMV (arch {arches})", build_cuda_kernels))
+        targets.append(
+            (f"CUDA quantized GEMV and decode attention (arch {arches})", build_cuda_kernels)
+        )
     failed = 0
     for label, loader in targets:
         try:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_decode
+from kernels import cpu_decode, cuda_decode
 
 
 def kv_cache_shape(
@@ -140,9 +140,15 @@ def _gather(cache: Tensor, block_ids: Tensor, seqs: int, keys: int) -> Tensor:
 def _decode_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
     """q [B, Hq, D] of the decoding sequences (one token each) -> [B, Hq, D]."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    # our kernels read each sequence's blocks in place, up to its own length (no gathered copy)
     if cpu_decode.attention_supports(q, kv_cache):
-        # read each sequence's blocks in place, up to its own length (no gathered copy)
         out = cpu_decode.decode_attention(
+            q, k_cache, v_cache, meta.block_tables[meta.num_prefills :], meta.decode_lens(), scale
+        )
+        if out is not None:
+            return out
+    elif cuda_decode.attention_supports(q, kv_cache):
+        out = cuda_decode.decode_attention(
             q, k_cache, v_cache, meta.block_tables[meta.num_prefills :], meta.decode_lens(), scale
         )
         if out is not None:

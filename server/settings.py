@@ -166,6 +166,11 @@ class Settings(BaseSettings):
         description="CPU threads for the forward pass (torch intra-op); unset = torch's default "
         "(one per core).",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="CUDA: replay decode steps from CUDA graphs captured per batch size bucket "
+        "(fewer kernel launches); used when the model sits on one GPU without tensor parallel.",
+    )
 
     @field_validator("model_aliases", "devices", "cors_origins", "api_keys", mode="before")
     @classmethod
@@ -304,6 +309,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         enable_prefix_caching=settings.enable_prefix_caching,
         reply_token_cache_size=settings.reply_token_cache_size,
         num_threads=settings.threads,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -248,6 +248,17 @@ def test_engine_config_mapping():
     c.validate()  # the step budget grows with max_num_seqs
 
 
+def test_cuda_graphs_setting():
+    from server.cli import parse
+
+    assert engine_config(load_settings({}, environ={})).cuda_graphs
+    assert not engine_config(
+        load_settings({}, environ={"CHATGLM_CUDA_GRAPHS": "false"})
+    ).cuda_graphs
+    _, _, s = parse(["--no-cuda-graphs"])
+    assert not engine_config(s).cuda_graphs
+
+
 def test_every_setting_is_documented_and_has_a_flag():
     from server.cli import build_parser
 
