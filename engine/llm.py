@@ -131,7 +131,7 @@ class ChatGLM:
         """The prompt ids `chat` sends for (query, history): ChatGLM2's encoding, except that
         replies this engine generated are spliced in as their generated ids (so the turn
         reuses their K/V from the prefix cache; see engine/reply_tokens.py)."""
-        return self.engine.encode_chat(query, list(history or []))
+        return self.engine.encode_chat(query, history)
 
     # --- the seed's calls ------------------------------------------------------------------------
 

@@ -113,11 +113,13 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     return ext.small_linear(x, weight, bias)
 
 
+# The packed linears below exist only where the kernels loaded (model/cpu_linear.py checks
+# before packing), so they call the loaded module directly.
+
+
 def panel_pack(weight: Tensor) -> Tensor:
     """fp32 W [N, K] (N % 16 == 0) -> panels [N/16, K, 16] for panel_linear."""
-    ext = decode_kernels_or_none()
-    assert ext is not None, "panel_pack: call only where the decode kernels load"
-    return ext.panel_pack(weight)
+    return load_decode_kernels().panel_pack(weight)
 
 
 def panel_unpack(packed: Tensor) -> Tensor:
@@ -128,9 +130,7 @@ def panel_unpack(packed: Tensor) -> Tensor:
 
 def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     """x [M, K] fp32 @ W^T + bias, W in panels (panel_pack)."""
-    ext = decode_kernels_or_none()
-    assert ext is not None, "panel_linear: call only where the decode kernels load"
-    return ext.panel_linear(x, packed, bias)
+    return load_decode_kernels().panel_linear(x, packed, bias)
 
 
 @functools.cache
@@ -142,9 +142,7 @@ def amx_bf16_available() -> bool:
 
 def amx_bf16_pack(weight: Tensor) -> Tensor:
     """bf16 W [N, K] (N % 16 == 0, K % 32 == 0) -> the AMX kernel's packed tiles."""
-    ext = decode_kernels_or_none()
-    assert ext is not None, "amx_bf16_pack: call only where amx_bf16_available()"
-    return ext.amx_bf16_pack(weight)
+    return load_decode_kernels().amx_bf16_pack(weight)
 
 
 def amx_bf16_unpack(packed: Tensor) -> Tensor:
@@ -155,9 +153,7 @@ def amx_bf16_unpack(packed: Tensor) -> Tensor:
 
 def amx_bf16_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
     """x [M, K] bf16 @ W^T + bias, W packed by amx_bf16_pack."""
-    ext = decode_kernels_or_none()
-    assert ext is not None, "amx_bf16_linear: call only where amx_bf16_available()"
-    return ext.amx_bf16_linear(x, packed, out_features, bias)
+    return load_decode_kernels().amx_bf16_linear(x, packed, out_features, bias)
 
 
 def decode_stack(

@@ -140,7 +140,7 @@ class AmxLinear(PackedLinear):
     layout = "AMX"
 
     def _pack(self, weight: Tensor) -> Tensor:
-        return cpu_decode.amx_bf16_pack(weight.contiguous())
+        return cpu_decode.amx_bf16_pack(weight)
 
     @property
     def weight(self) -> Tensor:
@@ -156,7 +156,7 @@ class PanelLinear(PackedLinear):
     layout = "panel"
 
     def _pack(self, weight: Tensor) -> Tensor:
-        return cpu_decode.panel_pack(weight.contiguous())
+        return cpu_decode.panel_pack(weight)
 
     @property
     def weight(self) -> Tensor:
