@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,26 @@ class Result:
     first_step: int | None = None
     finish_step: int | None = None
     outputs: list[RequestOutput] = field(default_factory=list)
+
+
+INJECTED_FAILURE = "injected device failure"
+
+
+def fail_step(runner, at: int, delay: float = 0.0) -> None:
+    """Make the runner's `at`-th step raise RuntimeError(INJECTED_FAILURE): a fault injected on
+    purpose, since the real model cannot be made to fail on demand. `delay` seconds before every
+    step slow the steps down (for a browser to see a stream start)."""
+    real, calls = runner.execute, [0]
+
+    def execute(batch):
+        calls[0] += 1
+        if delay:
+            time.sleep(delay)
+        if calls[0] == at:
+            raise RuntimeError(INJECTED_FAILURE)
+        return real(batch)
+
+    runner.execute = execute
 
 
 def make_engine(model, tokenizer, **kw) -> LLMEngine:

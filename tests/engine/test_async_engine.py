@@ -16,7 +16,7 @@ from engine.types import (
     PromptTooLongError,
     SamplingParams,
 )
-from tests.engine.harness import make_engine, run
+from tests.engine.harness import fail_step, make_engine, run
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -182,18 +182,8 @@ async def test_shutdown_lets_running_finish_then_refuses(model, tokenizer):
         await collect(eng.generate(prompt(tokenizer), SamplingParams(), "late"))
 
 
-async def test_a_failing_step_fails_requests_not_the_engine(engine, tokenizer, monkeypatch):
-    real = engine.engine.runner.execute
-    calls = {"n": 0}
-
-    def flaky(batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated device error")
-        return real(batch)
-
-    # a fault injected on purpose: the real model cannot be made to fail deterministically
-    monkeypatch.setattr(engine.engine.runner, "execute", flaky)
+async def test_a_failing_step_fails_requests_not_the_engine(engine, tokenizer):
+    fail_step(engine.engine.runner, at=3)
     with pytest.raises(EngineError) as e:
         await collect(
             engine.generate(prompt(tokenizer), SamplingParams(max_tokens=10, **GREEDY), "boom")

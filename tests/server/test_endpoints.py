@@ -12,6 +12,7 @@ import pytest
 from engine.types import SamplingParams
 from server.app import create_app
 from server.protocol import ChatCompletion, ChatCompletionChunk
+from tests.engine.harness import fail_step
 from tests.server.conftest import MAX_MODEL_LEN, settings, sse_json, wait_idle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -608,17 +609,7 @@ async def test_error_after_the_stream_started_is_an_error_chunk_then_done(make_a
     """A forward pass that fails mid-stream (made to fail here: the real engine never does so on
     demand) reaches the client as an error event and [DONE], and the server keeps serving."""
     engine = engine_factory()
-    runner = engine.engine.runner
-    real_execute = runner.execute
-    calls = {"n": 0}
-
-    def failing_execute(batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected device failure")
-        return real_execute(batch)
-
-    runner.execute = failing_execute
+    fail_step(engine.engine.runner, at=5)
     app = make_app(engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
         r = await c.post(

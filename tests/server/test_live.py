@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.engine.harness import INJECTED_FAILURE, fail_step
 from tests.server.conftest import MAX_MODEL_LEN, wait_idle
 
 KEY = "sk-test-key"
@@ -93,20 +94,11 @@ def test_openai_error_mid_stream_raises_api_error(live, engine_factory):
     """A failure after the stream started (injected: the real engine never fails on demand)
     arrives as an error chunk, which openai-python raises as APIError."""
     engine = engine_factory()
-    runner = engine.engine.runner
-    real_execute, calls = runner.execute, {"n": 0}
-
-    def failing_execute(batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("injected device failure")
-        return real_execute(batch)
-
-    runner.execute = failing_execute
+    fail_step(engine.engine.runner, at=4)
     srv = live(engine)
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
     got = []
-    with pytest.raises(openai.APIError, match="injected device failure"):
+    with pytest.raises(openai.APIError, match=INJECTED_FAILURE):
         for chunk in client.chat.completions.create(
             model="x", messages=USER, stream=True, max_tokens=50, extra_body={"ignore_eos": True}
         ):

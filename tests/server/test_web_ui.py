@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.engine.harness import INJECTED_FAILURE, fail_step
 from tests.server.conftest import LiveServer, wait_idle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -379,22 +380,12 @@ def test_server_errors_are_shown_in_the_conversation(page, serve, engine_factory
 
     # An error after the stream started (injected: the real engine never fails on demand).
     failing = engine_factory(max_model_len=256, kv_cache_tokens=4 * 256)
-    runner, real = failing.engine.runner, failing.engine.runner.execute
-    calls = {"n": 0}
-
-    def execute(batch):
-        calls["n"] += 1
-        time.sleep(STEP_DELAY)
-        if calls["n"] == 6:
-            raise RuntimeError("injected device failure")
-        return real(batch)
-
-    runner.execute = execute
+    fail_step(failing.engine.runner, at=6, delay=STEP_DELAY)
     server2 = serve(failing)
     open_page(page, server2)
     ask(page, "fail midway")
     reply = page.locator(".msg.assistant").last
-    assert "injected device failure" in reply.locator(".error-text").text_content()
+    assert INJECTED_FAILURE in reply.locator(".error-text").text_content()
     assert reply.locator(".content").text_content(), "the text before the error stays visible"
 
 
