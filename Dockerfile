@@ -16,7 +16,7 @@
 #   TORCH_CUDA_ARCH_LIST  GPU architectures the kernels are compiled for
 #   GXX_VERSION / PYTHON3_DEV_VERSION  apt versions of g++ and python3-dev, installed in the
 #                   builder only where BUILDER_IMAGE lacks a compiler or the Python headers
-# The builder compiles the kernels (`python -m kernels.build`: CPU always, CUDA with nvcc) into
+# The builder compiles the kernels (`python -m chatglm_serve.kernels.build`: CPU always, CUDA with nvcc) into
 # /opt/chatglm-serve/kernels; the runtime (no compiler, read-only root) imports them as built.
 # Build secret (optional): `ca`, a CA bundle for pip (networks with a TLS-intercepting proxy).
 
@@ -95,16 +95,16 @@ RUN --mount=type=secret,id=ca \
     pip install ninja==1.13.2 || exit 1; \
     if command -v nvcc >/dev/null 2>&1; then \
         echo "chatglm-serve: $(nvcc --version | tail -n1): compiling the CUDA kernels for ${TORCH_CUDA_ARCH_LIST}"; \
-        python -m kernels.build --cpu --cuda || exit 1; \
+        python -m chatglm_serve.kernels.build --cpu --cuda || exit 1; \
     else \
         echo "chatglm-serve: no nvcc in the builder image: CUDA kernels NOT compiled;" \
              "this image serves on CPU (with the prebuilt CPU kernels)"; \
-        python -m kernels.build --cpu || exit 1; \
+        python -m chatglm_serve.kernels.build --cpu || exit 1; \
     fi \
     && find "${CHATGLM_SERVE_KERNEL_CACHE}" -name '*.o' -delete
 
 # The embedded tiny demo model (served when CHATGLM_MODEL is unset), built once here.
-RUN python -c 'from model.demo import demo_checkpoint_dir; print("demo model:", demo_checkpoint_dir())' \
+RUN python -c 'from chatglm_serve.model.demo import demo_checkpoint_dir; print("demo model:", demo_checkpoint_dir())' \
     && cp -r /src/configs /opt/chatglm-serve/configs \
     && chmod -R a+rX,go-w /opt/chatglm-serve
 

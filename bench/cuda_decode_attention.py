@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from kernels import cuda_decode
-from model import attention
-from model.attention import AttentionMetadata
+from chatglm_serve.kernels import cuda_decode
+from chatglm_serve.model import attention
+from chatglm_serve.model.attention import AttentionMetadata
 
 
 def _case(batch: int, context: int, dtype: torch.dtype, hq=32, hkv=2, d=128, bs=16):

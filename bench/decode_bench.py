@@ -83,19 +83,23 @@ def _weight_bytes(model) -> int:
 def work_ours(ckpt: str, detail: str, new: int, threads: int) -> dict:
     import torch
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.types import SamplingParams
-    from model.loader import load_model_and_tokenizer
+    from chatglm_serve.engine.config import EngineArgs, EngineConfig
+    from chatglm_serve.engine.llm_engine import LLMEngine
+    from chatglm_serve.engine.load import load_model
+    from chatglm_serve.engine.types import SamplingParams
 
     torch.set_num_threads(threads)
     quantize = {"int8": 8, "int4": 4}.get(detail)
-    dtype = None if quantize else detail
-    model, tok = load_model_and_tokenizer(ckpt, dtype=dtype, device="cpu", quantize=quantize)
-    weight_bytes = _weight_bytes(model)  # before the runner repacks anything
-    engine = LLMEngine(
-        model, tok, EngineConfig(max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512)
+    args = EngineArgs(
+        model=ckpt,
+        dtype=None if quantize else detail,
+        device="cpu",
+        quantize=quantize,
+        engine=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512),
     )
+    model, tok = load_model(args)
+    weight_bytes = _weight_bytes(model)  # before the runner repacks anything
+    engine = LLMEngine(model, tok, args.engine)
     prompt = tok.encode_chat(QUERY, [])
     params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
 
@@ -123,8 +127,8 @@ def work_hf(ckpt: str, detail: str, new: int, threads: int) -> dict:
     """transformers' generate, as the seed runs it: decode time = t(1 + new) - t(1)."""
     import torch
 
-    from model.hf_glm import glm_from_state
-    from model.loader import load_model_and_tokenizer
+    from chatglm_serve.model.hf_glm import glm_from_state
+    from chatglm_serve.model.loader import load_model_and_tokenizer
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, detail)

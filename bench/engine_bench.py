@@ -22,14 +22,14 @@ import time
 import torch
 from make_checkpoint import MEDIUM  # bench/ is this script's sys.path[0]
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.types import SamplingParams
-from model.chatglm import ChatGLMForCausalLM
-from model.config import ChatGLMConfig
-from model.demo import demo_config
-from model.demo_tokenizer import demo_corpus_lines, train_demo_tokenizer_bytes
-from model.tokenizer import ChatGLMTokenizer
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.llm_engine import LLMEngine
+from chatglm_serve.engine.types import SamplingParams
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.config import ChatGLMConfig
+from chatglm_serve.model.demo import demo_config
+from chatglm_serve.model.demo_tokenizer import demo_corpus_lines, train_demo_tokenizer_bytes
+from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
 
 def shape_config(shape: str, vocab: int) -> ChatGLMConfig:

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--quantize", type=int, default=None)
     args = ap.parse_args()
 
-    from model.loader import load_checkpoint, weight_files
+    from chatglm_serve.model.loader import load_checkpoint, weight_files
 
     base = rss_mb()
     t0 = time.perf_counter()

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from model.chatglm import ChatGLMForCausalLM
-from model.checkpoint import save_checkpoint
-from model.config import ChatGLMConfig
-from model.demo_tokenizer import train_demo_tokenizer
-from model.tokenizer import ChatGLMTokenizer
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.checkpoint import save_checkpoint
+from chatglm_serve.model.config import ChatGLMConfig
+from chatglm_serve.model.demo_tokenizer import train_demo_tokenizer
+from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
 MEDIUM = dict(
     num_layers=16,

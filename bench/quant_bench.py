@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from make_checkpoint import MEDIUM as SHAPES_MEDIUM  # bench/ is this script's sys.path[0]
 
-from kernels import ops
-from model.attention import AttentionMetadata
-from model.chatglm import ChatGLMForCausalLM
-from model.config import ChatGLMConfig
-from model.quantize import QuantLinear, QuantSpec, quantize_model, quantize_weight
+from chatglm_serve.kernels import ops
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.config import ChatGLMConfig
+from chatglm_serve.model.quantize import QuantLinear, QuantSpec, quantize_model, quantize_weight
 
 # the benchmarks' medium shape, with the real vocabulary (its output layer is what int4 saves most)
 MEDIUM = dict(SHAPES_MEDIUM, padded_vocab_size=65024, torch_dtype="float32")

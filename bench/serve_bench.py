@@ -9,7 +9,7 @@ load, one at a time), our engine without HTTP, and the seed's way (transformers'
         --dist sharegpt --rate 2 --num-requests 64
 
 Targets (--targets, run in this order every run, each alone on the machine):
-  ours      our daemon (`python -m server`), started here on --ckpt (or --url: already running)
+  ours      our daemon (`python -m chatglm_serve`), started here on --ckpt (or --url: already running)
   engine    our AsyncEngine in this process, same requests, no HTTP: ours vs engine is the
             server's own overhead (HTTP + SSE + the event loop)
   llama     llama-server -np <concurrency> on --gguf (the same weights, converted by
@@ -139,7 +139,7 @@ def make_requests(args: argparse.Namespace, tokenizer) -> list[Request]:
             Request([{"role": "user", "content": args.prompt}], args.max_tokens) for _ in range(n)
         ]
     else:
-        from model.demo_tokenizer import demo_corpus_lines
+        from chatglm_serve.model.demo_tokenizer import demo_corpus_lines
 
         lines = [ln for ln in demo_corpus_lines() if ln.strip()]
         reqs = []
@@ -279,7 +279,7 @@ class Server:
 
 def start_ours(args: argparse.Namespace) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", args.ckpt, "--port", str(port)]
+    cmd = [sys.executable, "-m", "chatglm_serve", "--model", args.ckpt, "--port", str(port)]
     cmd += ["--max-num-seqs", str(max(args.concurrency, 16)), "--log-level", "warning"]
     cmd += ["--threads", str(args.threads), "--shutdown-timeout", "1"]
     if args.dtype:
@@ -313,30 +313,22 @@ def start_llama(args: argparse.Namespace) -> Server:
 # ---- in-process targets -----------------------------------------------------------------------
 
 
-def load_ours(args: argparse.Namespace):
-    import torch
-
-    from model.loader import load_model_and_tokenizer
-
-    torch.set_num_threads(args.threads)
-    return load_model_and_tokenizer(
-        args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize
-    )
-
-
 async def engine_load(args: argparse.Namespace, reqs: list[Request]) -> list[Record]:
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.types import SamplingParams
+    from chatglm_serve.engine.async_engine import AsyncEngine
+    from chatglm_serve.engine.config import EngineArgs, EngineConfig
+    from chatglm_serve.engine.types import SamplingParams
 
     config = EngineConfig(
         max_num_seqs=max(args.concurrency, 16),
         max_model_len=args.max_model_len,
         num_threads=args.threads,
     )
-    # loaded on the engine's own thread, as the daemon does (AsyncEngine.launch)
-    engine = AsyncEngine.launch(lambda: LLMEngine(*load_ours(args), config))
+    # loaded as the daemon loads it, on the engine's own thread (AsyncEngine.launch says why)
+    engine = AsyncEngine.from_args(
+        EngineArgs(
+            model=args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize, engine=config
+        )
+    )
     counter = iter(range(1 << 30))
 
     async def one(req: Request) -> Record:
@@ -372,9 +364,14 @@ def hf_targets(args: argparse.Namespace, reqs: list[Request], which: list[str]) 
     """The seed's way: transformers' generate, one request at a time, then as one batch."""
     import torch
 
-    from model.hf_glm import glm_from_state
+    from chatglm_serve.engine.config import EngineArgs
+    from chatglm_serve.engine.load import load_model
+    from chatglm_serve.model.hf_glm import glm_from_state
 
-    model, _ = load_ours(args)
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(
+        EngineArgs(model=args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
+    )
     dtype = next(model.parameters()).dtype
     ref = glm_from_state(model.state_dict(), model.config, dtype)
     del model
@@ -491,7 +488,7 @@ def main() -> None:
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
 
-    from model.tokenizer import ChatGLMTokenizer
+    from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
     tokenizer = ChatGLMTokenizer(str(Path(args.ckpt) / "tokenizer.model"))
     reqs = make_requests(args, tokenizer)

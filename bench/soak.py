@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/soak.py --minutes 2 -- --max-num-seqs 8 --max-queue 16
     PYTHONPATH=. python bench/soak.py --url http://127.0.0.1:8000 --api-key KEY --pid 1234
 
-Without --url it starts `python -m server serve` (flags after `--` go to it; the default is the
+Without --url it starts `python -m chatglm_serve serve` (flags after `--` go to it; the default is the
 embedded demo model with a small context) and stops it with SIGTERM at the end. Traffic, from
 --concurrency clients: chat completions plain and streamed (some with n=2), streams the client
 cuts mid-way, the seed's legacy POST /, bad requests, prompts past the context, /v1/models,
@@ -56,7 +56,7 @@ def rss_bytes(pid: int) -> int | None:
 
 
 class DaemonProcess:
-    """`python -m server serve` on 127.0.0.1 (a port the OS picks), logging to a file; stopped
+    """`python -m chatglm_serve serve` on 127.0.0.1 (a port the OS picks), logging to a file; stopped
     with SIGTERM (graceful drain) on exit. Also used by bench/fuzz_long.py."""
 
     def __init__(self, flags: list[str]) -> None:
@@ -71,7 +71,7 @@ class DaemonProcess:
         return self.proc.pid
 
     def __enter__(self) -> DaemonProcess:
-        cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [sys.executable, "-m", "chatglm_serve", "serve", "--host", "127.0.0.1", "--port", "0"]
         cmd += ["--log-level", "info", *self.flags]  # info: the start-up lines read below
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in __exit__)

@@ -18,16 +18,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.types import (
+from chatglm_serve.engine.config import EngineArgs, EngineConfig
+from chatglm_serve.engine.llm_engine import LLMEngine
+from chatglm_serve.engine.types import (
     EngineError,
     EngineOverloadedError,
     EngineStats,
     RequestOutput,
     SamplingParams,
 )
-from model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class AsyncEngine:
         self.kv_capacity_tokens = engine.kv_capacity_tokens
         self.num_kv_blocks = engine.kv_plan.num_blocks
         self.max_concurrent_seqs = engine.max_concurrent_seqs
+        self.model_summary = engine.model_summary
         self._inbox: deque[tuple] = deque()  # ("add", id, ids, params) | ("abort", id) | ...
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -100,25 +101,11 @@ class AsyncEngine:
         return self
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | None,
-        *,
-        dtype: Any = None,
-        device: Any = "cpu",
-        quantize: int | None = None,
-        config: EngineConfig | None = None,
-    ) -> AsyncEngine:
-        """Load a checkpoint (None: the embedded demo) on the engine's own thread, started."""
-        from model.loader import load_model_and_tokenizer
+    def from_args(cls, args: EngineArgs) -> AsyncEngine:
+        """The engine `args` describe (engine/load.py), loaded on its own step thread, started."""
+        from chatglm_serve.engine.load import build_engine
 
-        def build() -> LLMEngine:
-            model, tokenizer = load_model_and_tokenizer(
-                path, dtype=dtype, device=device, quantize=quantize
-            )
-            return LLMEngine(model, tokenizer, config or EngineConfig())
-
-        return cls.launch(build)
+        return cls.launch(lambda: build_engine(args))
 
     # ---- lifecycle ----
     def start(self) -> None:

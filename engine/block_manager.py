@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from engine.sequence import Sequence
+from chatglm_serve.engine.sequence import Sequence
 
 
 def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -65,3 +65,30 @@ class EngineConfig:
             refuse("reply_token_cache_size", "must be >= 0")
         if self.num_threads is not None and self.num_threads < 1:
             refuse("num_threads", "must be >= 1")
+
+
+@dataclass
+class EngineArgs:
+    """Everything that builds a ready engine: which model, how it is placed and quantized, and
+    how the engine is sized. The daemon, the terminal chat, the Python API and the benchmarks all
+    hand one of these to `engine.load.build_engine`, so a model is loaded one way everywhere.
+    (vLLM's EngineArgs plays the same part.) Torch-free, so the server can fill it in."""
+
+    model: str | None = None  # a checkpoint directory; None = the embedded demo model
+    dtype: str | None = None  # "float16", "bfloat16", "float32"; None / "auto" = the checkpoint's
+    # one device ("cpu", "cuda", "cuda:1"; "auto" = cuda when available) ...
+    device: str = "auto"
+    # ... or a layer split over several (["cuda:0", "cuda:1"], ["cuda:0", "cpu"]), planned by
+    # weight bytes, or fixed per unit by device_map ({"transformer.encoder.layers.0-13": "cuda:0"})
+    devices: list[str] | None = None
+    device_map: dict[str, str] | None = None
+    tensor_parallel_size: int = 1  # every layer split over N processes (devices: one per rank)
+    quantize: int | None = None  # 4 or 8: weight-only quantization while loading
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        if self.quantize not in (None, 4, 8):
+            raise ValueError(f"quantize must be 4, 8 or None, not {self.quantize!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        self.engine.validate()

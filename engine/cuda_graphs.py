@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.attention import AttentionMetadata, _DecodePlan
-from model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.attention import AttentionMetadata, _DecodePlan
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The seed's Python calls, on our engine, with no server.
 
-    from engine.llm import ChatGLM
+    from chatglm_serve import ChatGLM, SamplingParams
     glm = ChatGLM.load("THUDM/chatglm2-6b dir")          # or ChatGLM.load() for the embedded demo
     response, history = glm.chat("你好", history=[])
     for response, history in glm.stream_chat("Tell me more", history): ...
@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.types import (
+from chatglm_serve.engine.config import EngineArgs, EngineConfig
+from chatglm_serve.engine.llm_engine import LLMEngine
+from chatglm_serve.engine.load import build_engine
+from chatglm_serve.engine.types import (
     EngineOverloadedError,
     FinishReason,
     RequestOutput,
@@ -82,23 +83,19 @@ def process_response(response: str) -> str:
     return response.strip().replace("[[训练时间]]", "2023年")
 
 
-def _resolve_device(device: str | torch.device) -> str | torch.device:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class ChatGLM:
-    """A loaded model and its engine; `chat`, `stream_chat` and `generate` share the engine."""
+    """A loaded model and its engine; `chat`, `stream_chat` and `generate` share the engine.
 
-    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.engine = LLMEngine(model, tokenizer, config or EngineConfig())
+    Use as a context manager (or call `close()`) to free the engine's KV cache and, under
+    tensor parallel, stop its worker processes."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine: LLMEngine | None = engine
         self._ids = itertools.count()
         # one caller steps the engine at a time; outputs for others wait in their boxes
         self._lock = threading.RLock()
         self._boxes: dict[str, deque[RequestOutput]] = {}
+        self._label = _describe(engine)
 
     @classmethod
     def load(
@@ -106,24 +103,76 @@ class ChatGLM:
         path: str | None = None,
         *,
         dtype: torch.dtype | str | None = None,
-        device: str | torch.device = "cpu",
+        device: str = "auto",
+        devices: Sequence[str] | None = None,
+        device_map: dict[str, str] | None = None,
+        tensor_parallel_size: int = 1,
         quantize: int | None = None,
         config: EngineConfig | None = None,
     ) -> ChatGLM:
-        """Load once: a Hugging Face chatglm2-6b directory, or None for the embedded demo model.
+        """Load once: a Hugging Face checkpoint directory, or None for the embedded demo model.
 
-        dtype None/"auto" = the checkpoint's; device "auto" = cuda when available; quantize 4/8
-        quantizes the linears while loading, as the daemon's --quantize does."""
-        from model.loader import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(
-            path, dtype=dtype, device=_resolve_device(device), quantize=quantize
+        dtype None/"auto" = the checkpoint's; device "auto" = cuda when available, else cpu;
+        devices = a layer split over several devices (device_map fixes it per layer);
+        tensor_parallel_size N = every layer split over N processes; quantize 4/8 quantizes the
+        linears while loading. The same options as the daemon's flags (engine/load.py)."""
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        return cls.from_args(
+            EngineArgs(
+                model=None if path is None else str(path),
+                dtype=dtype,
+                device=device,
+                devices=list(devices) if devices else None,
+                device_map=device_map,
+                tensor_parallel_size=tensor_parallel_size,
+                quantize=quantize,
+                engine=config or EngineConfig(),
+            )
         )
-        return cls(model, tokenizer, config)
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> ChatGLM:
+        return cls(build_engine(args))
+
+    @property
+    def model(self) -> Any:
+        return self._engine().model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._engine().tokenizer
+
+    def _engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise RuntimeError("this ChatGLM is closed")
+        return self.engine
+
+    def close(self) -> None:
+        """Abort what is running and free the engine (KV cache, model references, TP workers)."""
+        with self._lock:
+            engine, self.engine = self.engine, None
+            if engine is None:
+                return
+            engine.abort_all()
+            self._boxes.clear()
+            close = getattr(engine.model, "close", None)
+            if callable(close):  # a tensor-parallel model: stop its worker processes
+                close()
+
+    def __enter__(self) -> ChatGLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.engine is None else "ready"
+        return f"ChatGLM({self._label}, {state})"
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self._engine().max_model_len
 
     def encode_chat(
         self, query: str, history: Sequence[tuple[str, str]] | None = None
@@ -131,7 +180,7 @@ class ChatGLM:
         """The prompt ids `chat` sends for (query, history): ChatGLM2's encoding, except that
         replies this engine generated are spliced in as their generated ids (so the turn
         reuses their K/V from the prefix cache; see engine/reply_tokens.py)."""
-        return self.engine.encode_chat(query, history)
+        return self._engine().encode_chat(query, history)
 
     # --- the seed's calls ------------------------------------------------------------------------
 
@@ -236,7 +285,7 @@ class ChatGLM:
                 )
         encoded = [self._encode(p) for p in items]
         for ids, params in zip(encoded, params_list, strict=True):
-            self.engine.validate(ids, params)  # refuse a bad prompt before running any
+            self._engine().validate(ids, params)  # refuse a bad prompt before running any
 
         results = [GenerationResult(p, ids) for p, ids in zip(items, encoded, strict=True)]
         choices: dict[str, dict[int, CompletionOutput]] = {}
@@ -251,7 +300,7 @@ class ChatGLM:
                         i = todo[0]
                         rid = f"generate-{next(self._ids)}"
                         try:
-                            self.engine.add_request(rid, encoded[i], params_list[i])
+                            self._engine().add_request(rid, encoded[i], params_list[i])
                         except EngineOverloadedError:
                             break
                         todo.popleft()
@@ -277,7 +326,7 @@ class ChatGLM:
                                     bar.update(1)
             finally:
                 for rid in open_choices:  # interrupted (e.g. KeyboardInterrupt): free the rest
-                    self.engine.abort_request(rid)
+                    self._engine().abort_request(rid)
                 if bar is not None:
                     bar.close()
         for rid, i in index_of.items():
@@ -309,7 +358,7 @@ class ChatGLM:
         )
 
     def _step_once(self) -> list[RequestOutput]:
-        outputs = self.engine.step()
+        outputs = self._engine().step()
         for out in outputs:
             box = self._boxes.get(out.request_id)
             if box is not None:
@@ -320,7 +369,7 @@ class ChatGLM:
         """One request's outputs as the engine produces them; aborted if the caller stops early."""
         rid = f"chat-{next(self._ids)}"
         with self._lock:
-            self.engine.add_request(rid, prompt_ids, params)
+            self._engine().add_request(rid, prompt_ids, params)
             box: deque[RequestOutput] = deque()
             self._boxes[rid] = box
         left = params.n
@@ -328,7 +377,7 @@ class ChatGLM:
             while left:
                 with self._lock:
                     while not box:
-                        if not self.engine.has_unfinished():  # cannot happen; never spin
+                        if not self._engine().has_unfinished():  # cannot happen; never spin
                             raise RuntimeError(f"engine lost request {rid}")
                         self._step_once()
                     out = box.popleft()
@@ -339,8 +388,16 @@ class ChatGLM:
             with self._lock:
                 self._boxes.pop(rid, None)
                 if left:
-                    self.engine.abort_request(rid)
+                    self._engine().abort_request(rid)
                     # its final (abort) output comes with a later step, which drops it
+
+
+def _describe(engine: LLMEngine) -> str:
+    cfg = engine.model.config
+    return (
+        f"{getattr(cfg, 'num_layers', '?')} layers x {getattr(cfg, 'hidden_size', '?')}, "
+        f"{engine.model_summary.line()}, max_model_len {engine.max_model_len}"
+    )
 
 
 def _progress(total: int):

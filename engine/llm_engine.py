@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, plan_kv_cache
-from engine.reply_tokens import ReplyTokenMap
-from engine.sampler import Sampler, SamplingRow
-from engine.scheduler import Scheduler
-from engine.sequence import Request, Sequence, SequenceStatus
-from engine.stop import split_stream
-from engine.types import (
+from chatglm_serve.engine.block_manager import BlockManager
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.model_runner import ModelRunner, plan_kv_cache
+from chatglm_serve.engine.reply_tokens import ReplyTokenMap
+from chatglm_serve.engine.sampler import Sampler, SamplingRow
+from chatglm_serve.engine.scheduler import Scheduler
+from chatglm_serve.engine.sequence import Request, Sequence, SequenceStatus
+from chatglm_serve.engine.stop import split_stream
+from chatglm_serve.engine.types import (
     EngineError,
     EngineOverloadedError,
     EngineStats,
@@ -37,13 +37,14 @@ from engine.types import (
     SamplingParams,
     TokenLogprob,
 )
-from model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.summary import summarize
 
 log = logging.getLogger(__name__)
 
 
 def _default_detokenizer_factory(tokenizer: Any) -> Callable[[], Any]:
-    from model.detokenizer import IncrementalDetokenizer
+    from chatglm_serve.model.detokenizer import IncrementalDetokenizer
 
     return lambda: IncrementalDetokenizer(tokenizer)
 
@@ -67,6 +68,7 @@ class LLMEngine:
                 f"engine config max_model_len: {config.max_model_len} exceeds the model's "
                 f"seq_length {seq_length}"
             )
+        self.model_summary = summarize(model)  # before the KV cache: the model's own bytes
         self.kv_plan = plan_kv_cache(model, config)
         wanted = config.max_model_len or seq_length
         self.max_model_len = min(wanted, self.kv_plan.num_tokens)

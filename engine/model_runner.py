@@ -15,17 +15,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.config import EngineConfig
-from engine.cuda_graphs import (
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.cuda_graphs import (
     CaptureStrategy,
     CUDAGraphStrategy,
     DecodeGraphRunner,
     decode_graph_device,
 )
-from engine.scheduler import ScheduledSeq
-from model.attention import AttentionMetadata
-from model.chatglm import ChatGLMForCausalLM
-from model.config import parse_dtype
+from chatglm_serve.engine.scheduler import ScheduledSeq
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.config import parse_dtype
 
 log = logging.getLogger(__name__)
 

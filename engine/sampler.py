@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.types import SamplingParams
+from chatglm_serve.engine.types import SamplingParams
 
 
 @dataclass

@@ -15,9 +15,9 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.sequence import Sequence, SequenceStatus
+from chatglm_serve.engine.block_manager import BlockManager
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

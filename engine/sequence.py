@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from engine.types import FinishReason, SamplingParams, TokenLogprob
+from chatglm_serve.engine.types import FinishReason, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(Enum):

@@ -30,11 +30,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from model.attention import AttentionMetadata
-from model.chatglm import ChatGLMForCausalLM
-from model.config import ChatGLMConfig
-from model.placement import check_devices_exist, normalize_device
-from model.tensor_parallel import TensorParallel, TPGroup, check_tensor_parallel
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.config import ChatGLMConfig
+from chatglm_serve.model.placement import check_devices_exist, normalize_device
+from chatglm_serve.model.tensor_parallel import TensorParallel, TPGroup, check_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _tensor_parallel(path: str, d: _Dist) -> TensorParallel:
 
 def _resolve_path(path: str | None) -> str:
     if path is None:
-        from model.demo import demo_checkpoint_dir
+        from chatglm_serve.model.demo import demo_checkpoint_dir
 
         return str(demo_checkpoint_dir())
     return str(path)
@@ -245,7 +245,7 @@ def serve_worker(model: ChatGLMForCausalLM, d: _Dist) -> None:
 
 
 def _load_shard(spec: TPLoadSpec, path: str, d: _Dist) -> ChatGLMForCausalLM:
-    from model.loader import load_checkpoint
+    from chatglm_serve.model.loader import load_checkpoint
 
     return load_checkpoint(
         path, dtype=spec.dtype, device=d.device, tensor_parallel=_tensor_parallel(path, d)
@@ -285,7 +285,7 @@ def _process_context() -> Any:
     worker forks from it (CUDA is never initialised there, so forking is safe); else spawn."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["engine.tp_worker"])
+        ctx.set_forkserver_preload(["chatglm_serve.engine.tp_worker"])
         return ctx
     return mp.get_context("spawn")
 
@@ -410,7 +410,7 @@ def start_tensor_parallel(
     )
     tokenizer = None
     if spec.tokenizer:
-        from model.tokenizer import ChatGLMTokenizer
+        from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
         tokenizer = ChatGLMTokenizer(str(Path(path) / "tokenizer.model"))
     return TPLeaderModel(model, d, procs), tokenizer

@@ -4,7 +4,7 @@ Each extension is built into its own directory of the kernel cache, named for a 
 its sources, flags, the torch and Python versions (and for CUDA the target architectures), so a
 directory only ever holds the build of exactly these inputs. A build gets there either
 
-- ahead of time: `python -m kernels.build [--cpu] [--cuda]` (the Docker builder stage runs it; no
+- ahead of time: `python -m chatglm_serve.kernels.build [--cpu] [--cuda]` (the Docker builder stage runs it; no
   GPU needed, the CUDA architectures come from TORCH_CUDA_ARCH_LIST), or
 - on first use, through `torch.utils.cpp_extension.load` (ninja and a C++ compiler; nvcc for CUDA).
 
@@ -229,7 +229,7 @@ def _load(name: str, sources: list[Path], headers: list[Path], verbose: bool, **
     if not writable:
         raise KernelUnavailable(
             f"no prebuilt {module} in {build_dir}, and the kernel cache cannot be written there; "
-            "run `python -m kernels.build` where it can, or point CHATGLM_SERVE_KERNEL_CACHE at a "
+            "run `python -m chatglm_serve.kernels.build` where it can, or point CHATGLM_SERVE_KERNEL_CACHE at a "
             "writable directory"
         )
     log.info("building %s in %s (first use on this machine; about half a minute)", name, build_dir)
@@ -363,7 +363,9 @@ def nvcc_compile_object(
 
 
 def _cpu_targets() -> list[tuple[str, Callable[[bool], ModuleType]]]:
-    from kernels import cpu_decode  # it imports this module: only here, not at the top
+    from chatglm_serve.kernels import (
+        cpu_decode,  # it imports this module: only here, not at the top
+    )
 
     return [
         ("CPU quantized matmul", load_cpu_kernels),
@@ -375,9 +377,9 @@ def _cpu_targets() -> list[tuple[str, Callable[[bool], ModuleType]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kernels.build`: compile the kernels into the cache ahead of time."""
+    """`python -m chatglm_serve.kernels.build`: compile the kernels into the cache ahead of time."""
     p = argparse.ArgumentParser(
-        prog="python -m kernels.build",
+        prog="python -m chatglm_serve.kernels.build",
         description="Compile chatglm-serve's kernels into the kernel cache ahead of time "
         f"(CHATGLM_SERVE_KERNEL_CACHE, now {cache_root()}), so that later processes import "
         "them without a compiler. With neither flag: --cpu, and --cuda where torch is a CUDA "
@@ -429,6 +431,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run the package's own instance of this module (the one kernels.ops and cpu_decode import), not
     # this __main__ copy, so each extension is loaded once.
-    from kernels.build import main as _main
+    from chatglm_serve.kernels.build import main as _main
 
     sys.exit(_main())

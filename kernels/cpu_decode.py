@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels.build import CPU_HEADERS, CSRC, KernelUnavailable, _load
+from chatglm_serve.kernels.build import CPU_HEADERS, CSRC, KernelUnavailable, _load
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ sequence's query reads its keys and values in place from the paged KV cache, up 
 length, instead of the gather-to-the-longest + SDPA path in model/attention.py.
 
 Part of the CUDA extension (kernels/build.py, built on first use or ahead of time with
-`python -m kernels.build --cuda`), and optional the same way: where the extension cannot be
+`python -m chatglm_serve.kernels.build --cuda`), and optional the same way: where the extension cannot be
 loaded (CPU-only torch, no GPU, no nvcc and nothing prebuilt), `decode_attention` returns None
 and the caller keeps its PyTorch path. Written without a GPU: unverified and untimed on one.
 `CHATGLM_CUDA_DECODE_ATTENTION=0` turns it off (for A/B measurements against gather + SDPA).
@@ -17,7 +17,7 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.build import cuda_kernels_or_none
+from chatglm_serve.kernels.build import cuda_kernels_or_none
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 128)  # = head_dim_supported() in paged_attention.h

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.build import cpu_kernels_or_none, load_cpu_kernels, load_cuda_kernels
+from chatglm_serve.kernels.build import cpu_kernels_or_none, load_cpu_kernels, load_cuda_kernels
 
 CPU_BLOCK = 32  # the CPU kernel's unit: K, weight groups and activation blocks are multiples of it
 CPU_TILE = 16  # output rows per 512-bit vector

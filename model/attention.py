@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_decode, cuda_decode
+from chatglm_serve.kernels import cpu_decode, cuda_decode
 
 
 def kv_cache_shape(

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.attention import AttentionMetadata, kv_cache_shape, paged_attention
-from model.config import ChatGLMConfig, parse_dtype
-from model.cpu_linear import PackedLinear, optimize_linears
-from model.cpu_step import cpu_decode_step
+from chatglm_serve.model.attention import AttentionMetadata, kv_cache_shape, paged_attention
+from chatglm_serve.model.config import ChatGLMConfig, parse_dtype
+from chatglm_serve.model.cpu_linear import PackedLinear, optimize_linears
+from chatglm_serve.model.cpu_step import cpu_decode_step
 
 
 class RMSNorm(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.config import ChatGLMConfig
+from chatglm_serve.model.config import ChatGLMConfig
 
 ROTARY_KEY = "transformer.rotary_pos_emb.inv_freq"
 

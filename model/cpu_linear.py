@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import cpu_decode
+from chatglm_serve.kernels import cpu_decode
 
 # oneDNN picks its blocking for this many rows; measured fastest for 1 row and for 512
 BATCH_HINT = 512

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kernels import cpu_decode
-from model.attention import AttentionMetadata
-from model.cpu_linear import AmxLinear, PackedLinear, PanelLinear, SmallBatchLinear
+from chatglm_serve.kernels import cpu_decode
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.cpu_linear import AmxLinear, PackedLinear, PanelLinear, SmallBatchLinear
 
 if TYPE_CHECKING:
-    from model.chatglm import ChatGLMForCausalLM
+    from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
 
 def cpu_decode_step(

@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from model.chatglm import ChatGLMForCausalLM
-from model.checkpoint import save_checkpoint
-from model.config import ChatGLMConfig
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.checkpoint import save_checkpoint
+from chatglm_serve.model.config import ChatGLMConfig
 
 DEMO_SEED = 1234
 _FORMAT_VERSION = "1"  # bump when the demo's recipe changes so stale caches are rebuilt
@@ -43,7 +43,7 @@ def cache_root() -> Path:
 
 
 def _recipe_hash() -> str:
-    from model.demo_tokenizer import train_demo_tokenizer_bytes
+    from chatglm_serve.model.demo_tokenizer import train_demo_tokenizer_bytes
 
     # the trained tokenizer itself (about 10 ms to make) covers corpus, trainer settings and version
     h = hashlib.sha256(train_demo_tokenizer_bytes())
@@ -52,8 +52,8 @@ def _recipe_hash() -> str:
 
 
 def build_demo_checkpoint(out_dir: Path) -> Path:
-    from model.demo_tokenizer import train_demo_tokenizer
-    from model.tokenizer import ChatGLMTokenizer
+    from chatglm_serve.model.demo_tokenizer import train_demo_tokenizer
+    from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_path = train_demo_tokenizer(out_dir / "tokenizer.model")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from model.tokenizer import ChatGLMTokenizer
+from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
 _REPLACEMENT = "\ufffd"
 # A window longer than this that still ends in U+FFFD holds invalid bytes, not just one

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from model.config import ChatGLMConfig
+from chatglm_serve.model.config import ChatGLMConfig
 
 
 def glm_config(cfg: ChatGLMConfig, dtype: torch.dtype = torch.float32):

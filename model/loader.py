@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model.chatglm import ChatGLMForCausalLM
-from model.config import ChatGLMConfig, parse_dtype
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.config import ChatGLMConfig, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def load_checkpoint(
     with torch.device("meta"):
         model = ChatGLMForCausalLM(cfg)
     if cfg.quantization_bit or quantize:
-        from model.quantize import QuantSpec, replace_linears
+        from chatglm_serve.model.quantize import QuantSpec, replace_linears
 
         bits = cfg.quantization_bit or quantize
         if cfg.quantization_bit and quantize and quantize != cfg.quantization_bit:
@@ -214,10 +214,10 @@ def load_model_and_tokenizer(
     tensor_parallel=None,
 ):
     """(model, tokenizer) from a checkpoint dir; path None = the embedded demo model."""
-    from model.tokenizer import ChatGLMTokenizer
+    from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
     if path is None:
-        from model.demo import demo_checkpoint_dir
+        from chatglm_serve.model.demo import demo_checkpoint_dir
 
         path = demo_checkpoint_dir()
         log.warning(

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.config import ChatGLMConfig, parse_dtype
+from chatglm_serve.model.config import ChatGLMConfig, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,13 @@ def config_sizes(
     group_size: int | None = None,
 ) -> ModuleSizes:
     """Sizes of the model a config describes, from a meta-device instance (no memory used)."""
-    from model.chatglm import ChatGLMForCausalLM
+    from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
     with torch.device("meta"):
         model = ChatGLMForCausalLM(cfg)
     bits = cfg.quantization_bit or quantize
     if bits:
-        from model.quantize import QuantSpec, replace_linears
+        from chatglm_serve.model.quantize import QuantSpec, replace_linears
 
         spec = QuantSpec(bits=bits, group_size=None if cfg.quantization_bit else group_size)
         replace_linears(model, spec, from_checkpoint=bool(cfg.quantization_bit))
@@ -521,7 +521,7 @@ def plan_for_checkpoint(
 ) -> PlacementPlan:
     """The plan for a checkpoint directory (None = the embedded demo model), from its config."""
     if path is None:
-        from model.demo import demo_checkpoint_dir
+        from chatglm_serve.model.demo import demo_checkpoint_dir
 
         path = demo_checkpoint_dir()
     cfg = ChatGLMConfig.from_json(Path(path))
@@ -543,7 +543,7 @@ def load_placed(
     budgets: Mapping[str, int] | None = None,
 ):
     """(model, tokenizer, plan): plan the split, log it, and stream each tensor to its device."""
-    from model.loader import load_model_and_tokenizer
+    from chatglm_serve.model.loader import load_model_and_tokenizer
 
     devices = parse_devices(devices) if devices or not device_map else []
     check_devices_exist(devices)

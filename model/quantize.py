@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.build import cpu_kernels_or_none
+from chatglm_serve.kernels.build import cpu_kernels_or_none
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class QuantLinear(nn.Module):
             self.weight_scale, self.path = scale, "torch"
 
     def _finalize_cpu(self, scale: Tensor) -> None:
-        from kernels.ops import activation_block, cpu_kernel_supports, pack_cpu
+        from chatglm_serve.kernels.ops import activation_block, cpu_kernel_supports, pack_cpu
 
         if cpu_kernels_or_none() is None or not cpu_kernel_supports(
             self.in_features, self.group_size
@@ -287,8 +287,8 @@ class QuantLinear(nn.Module):
         self._act_block = activation_block(self.bits, self.group_size)
 
     def _finalize_cuda(self, scale: Tensor) -> None:
-        from kernels.build import KernelUnavailable, load_cuda_kernels
-        from kernels.ops import pack_cuda
+        from chatglm_serve.kernels.build import KernelUnavailable, load_cuda_kernels
+        from chatglm_serve.kernels.ops import pack_cuda
 
         self.weight_scale, self.path = scale.contiguous(), "torch"
         if self.in_features % 32 or self.group_size % 32:
@@ -314,14 +314,14 @@ class QuantLinear(nn.Module):
     def seed_tensors(self) -> tuple[Tensor, Tensor]:
         """(weight int8 packed as the seed, weight_scale fp16 [N] or [N, G]) from any layout."""
         if self.layout == "cpu_tiles":
-            from kernels.ops import unpack_cpu
+            from chatglm_serve.kernels.ops import unpack_cpu
 
             q, scale = unpack_cpu(
                 self.weight, self.weight_scale, self.bits, self.out_features, self.in_features
             )
             w = pack_int4(q) if self.bits == 4 else q
         elif self.layout == "cuda_words":
-            from kernels.ops import unpack_cuda
+            from chatglm_serve.kernels.ops import unpack_cuda
 
             q, scale = unpack_cuda(self.weight, self.bits), self.weight_scale
             w = pack_int4(q) if self.bits == 4 else q
@@ -408,7 +408,7 @@ class QuantLinear(nn.Module):
         return y
 
     def _cuda_matmul(self, x: Tensor) -> Tensor:
-        from kernels.ops import cuda_dequantize, cuda_gemv
+        from chatglm_serve.kernels.ops import cuda_dequantize, cuda_gemv
 
         if x.shape[0] <= CUDA_GEMV_MAX_BATCH:
             return cuda_gemv(x, self.weight, self.weight_scale, self.bits, self.group_size)

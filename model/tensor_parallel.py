@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ChatGLMConfig, ConfigError
+from chatglm_serve.model.config import ChatGLMConfig, ConfigError
 
 
 @dataclass

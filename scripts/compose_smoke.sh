@@ -206,9 +206,9 @@ quantized_run() {
     fi
     docker exec "$id" python -c '
 import torch
-from kernels import build, cpu_decode
-from model.loader import load_model_and_tokenizer
-from model.quantize import QuantLinear
+from chatglm_serve.kernels import build, cpu_decode
+from chatglm_serve.model.loader import load_model_and_tokenizer
+from chatglm_serve.model.quantize import QuantLinear
 for mod in (build.cpu_kernels_or_none(), cpu_decode.decode_kernels_or_none()):
     assert mod is not None, "a CPU kernel did not load"
     info = build.build_info(mod)

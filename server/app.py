@@ -7,24 +7,28 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 
-from server.auth import ApiKeyAuth
-from server.errors import install_error_handlers
-from server.metrics import Metrics
-from server.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
-from server.routes_legacy import build_legacy_router
-from server.routes_openai import build_openai_router
-from server.routes_web import index_response, make_web_router
-from server.settings import Settings, engine_config, load_settings, resolve_device
-from server.state import ServerState
+from chatglm_serve.server.auth import ApiKeyAuth
+from chatglm_serve.server.errors import install_error_handlers
+from chatglm_serve.server.metrics import Metrics
+from chatglm_serve.server.middleware import (
+    BodyLimitMiddleware,
+    JsonBodyMiddleware,
+    RequestContextMiddleware,
+)
+from chatglm_serve.server.routes_legacy import build_legacy_router
+from chatglm_serve.server.routes_openai import build_openai_router
+from chatglm_serve.server.routes_web import index_response, make_web_router
+from chatglm_serve.server.settings import Settings, engine_args, load_settings
+from chatglm_serve.server.state import ServerState
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from chatglm_serve.engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -32,54 +36,10 @@ VERSION = "0.1.0"
 
 
 def load_engine(settings: Settings) -> AsyncEngine:
-    """Load the model and start the engine (blocking; minutes for a real checkpoint).
+    """Load the model and start the engine (blocking; minutes for a real checkpoint)."""
+    from chatglm_serve.engine.async_engine import AsyncEngine
 
-    The load runs on the engine's own step thread (AsyncEngine.launch says why)."""
-    from engine.async_engine import AsyncEngine
-    from engine.llm_engine import LLMEngine
-
-    def build() -> LLMEngine:
-        model, tokenizer = load_model(settings)
-        return LLMEngine(model, tokenizer, engine_config(settings))
-
-    return AsyncEngine.launch(build)
-
-
-def load_model(settings: Settings) -> tuple[Any, Any]:
-    """(model, tokenizer) as the settings place them: one device, a layer split, or tensor
-    parallel processes."""
-    dtype = None if settings.dtype == "auto" else settings.dtype
-    devices = settings.devices or [f"cuda:{i}" for i in range(settings.num_gpus or 0)]
-    if settings.tensor_parallel_size > 1:  # every layer split over N processes
-        from engine.tp_worker import TPLoadSpec, start_tensor_parallel
-
-        started = start_tensor_parallel(
-            TPLoadSpec(settings.model, dtype), settings.tensor_parallel_size, devices or None
-        )
-        if started is None:  # a torchrun worker rank ends here (see cli.serve)
-            raise RuntimeError("load_engine called in a tensor-parallel worker rank")
-        return started
-    if len(devices) > 1 or settings.device_map:  # layer split over several devices
-        from model.placement import load_placed
-
-        model, tokenizer, _plan = load_placed(
-            settings.model,
-            devices,
-            dtype=dtype,
-            quantize=settings.quantize,
-            device_map=settings.device_map,
-        )
-        return model, tokenizer
-    from model.loader import load_model_and_tokenizer
-
-    device = devices[0] if devices else resolve_device(settings.device)
-    return load_model_and_tokenizer(
-        settings.model, dtype=dtype, device=device, quantize=settings.quantize
-    )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return AsyncEngine.from_args(engine_args(settings))
 
 
 def describe(engine: AsyncEngine, settings: Settings, seconds: float) -> str:
@@ -87,16 +47,9 @@ def describe(engine: AsyncEngine, settings: Settings, seconds: float) -> str:
     parts = [
         f"model {settings.model or '(embedded demo)'} served as {settings.served_model_name!r}"
     ]
-    model = getattr(getattr(engine, "engine", None), "model", None)
-    if model is not None:
-        params = list(model.parameters()) + list(model.buffers())
-        count = sum(p.numel() for p in model.parameters())
-        size = sum(p.numel() * p.element_size() for p in params)
-        devices = sorted({str(p.device) for p in params})
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-        parts.append(
-            f"{count / 1e6:.1f}M params, {_size(size)} {'/'.join(dtypes)} on {','.join(devices)}"
-        )
+    summary = getattr(engine, "model_summary", None)
+    if summary is not None:
+        parts.append(summary.line())
     parts.append(
         f"KV cache {getattr(engine, 'kv_capacity_tokens', '?')} tokens, "
         f"max_model_len {engine.max_model_len}, "

@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import APIError
+from chatglm_serve.server.errors import APIError
 
 
 class ApiKeyAuth:

@@ -20,9 +20,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.settings import REPEATABLE, Settings, SettingsError, flag_for, load_settings
+from chatglm_serve.server.settings import (
+    REPEATABLE,
+    Settings,
+    SettingsError,
+    flag_for,
+    load_settings,
+)
 
-log = logging.getLogger("server")
+log = logging.getLogger("chatglm_serve.server")
 
 WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 
@@ -108,7 +114,7 @@ def configure_logging(level: str) -> None:
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from chatglm_serve.server.app import create_app
 
     configure_logging(settings.log_level)
     failed: list[BaseException] = []
@@ -142,6 +148,11 @@ def serve(settings: Settings) -> int:
         lifespan="on",
     )
     server = Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down. A drain that
+    # completed is a clean exit (status 0, as service managers expect), so the re-raised
+    # SIGTERM / SIGINT meets a handler that only lets the process return.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 1 if failed else 0
 
@@ -154,7 +165,7 @@ Reply = Callable[[str, list[tuple[str, str]]], AsyncIterator[str]]
 def engine_reply(
     engine: Any, temperature: float | None, top_p: float | None, max_tokens: int | None
 ) -> Reply:
-    from engine.types import SamplingParams
+    from chatglm_serve.engine.types import SamplingParams
 
     async def reply(query: str, history: list[tuple[str, str]]) -> AsyncIterator[str]:
         ids = engine.encode_chat(query, history)
@@ -308,7 +319,7 @@ def chat(ns: argparse.Namespace, settings: Settings) -> int:
             )
             await chat_loop(reply)
             return
-        from server.app import load_engine
+        from chatglm_serve.server.app import load_engine
 
         engine = await asyncio.to_thread(load_engine, settings)
         engine.start()
@@ -324,7 +335,7 @@ def chat(ns: argparse.Namespace, settings: Settings) -> int:
 def tp_worker_rank(settings: Settings) -> int:
     """Under torchrun with tensor parallel, ranks other than 0 serve no HTTP: they mirror rank
     0's forward passes until it stops them. Returns their exit code."""
-    from engine.tp_worker import TPLoadSpec, start_tensor_parallel
+    from chatglm_serve.engine.tp_worker import TPLoadSpec, start_tensor_parallel
 
     configure_logging(settings.log_level)
     dtype = None if settings.dtype == "auto" else settings.dtype
@@ -340,7 +351,7 @@ def tp_worker_rank(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     command, ns, settings = parse(argv)
     if settings.tensor_parallel_size > 1:
-        from engine.tp_worker import torchrun_rank
+        from chatglm_serve.engine.tp_worker import torchrun_rank
 
         run = torchrun_rank()
         if run is not None and run[0] != 0:

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.types import EngineError, EngineOverloadedError, PromptTooLongError
+from chatglm_serve.engine.types import EngineError, EngineOverloadedError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 

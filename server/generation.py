@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 from starlette.requests import Request
 
-from engine.types import RequestOutput, SamplingParams
+from chatglm_serve.engine.types import RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from chatglm_serve.engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 

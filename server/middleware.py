@@ -11,10 +11,10 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError
-from server.metrics import Metrics
+from chatglm_serve.server.errors import APIError
+from chatglm_serve.server.metrics import Metrics
 
-log = logging.getLogger("server.access")
+log = logging.getLogger("chatglm_serve.server.access")
 
 _QUIET_PATHS = frozenset({"/health", "/metrics"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

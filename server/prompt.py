@@ -9,8 +9,8 @@ before it pairs with an empty query, and a system message after the start is tre
 
 from __future__ import annotations
 
-from server.errors import APIError
-from server.protocol import ChatMessage
+from chatglm_serve.server.errors import APIError
+from chatglm_serve.server.protocol import ChatMessage
 
 
 def messages_to_chat(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:

@@ -13,14 +13,14 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from engine.types import EngineError, SamplingParams
-from server.auth import ApiKeyAuth
-from server.errors import from_engine_error
-from server.generation import ClientDisconnected, EngineStream, until_disconnect
-from server.middleware import request_id
-from server.protocol import LegacyRequest, LegacyResponse, completion_id
-from server.routes_openai import CLIENT_CLOSED, check_prompt_fits
-from server.state import ServerState
+from chatglm_serve.engine.types import EngineError, SamplingParams
+from chatglm_serve.server.auth import ApiKeyAuth
+from chatglm_serve.server.errors import from_engine_error
+from chatglm_serve.server.generation import ClientDisconnected, EngineStream, until_disconnect
+from chatglm_serve.server.middleware import request_id
+from chatglm_serve.server.protocol import LegacyRequest, LegacyResponse, completion_id
+from chatglm_serve.server.routes_openai import CLIENT_CLOSED, check_prompt_fits
+from chatglm_serve.server.state import ServerState
 
 log = logging.getLogger(__name__)
 

@@ -12,20 +12,20 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from engine.types import (
+from chatglm_serve.engine.types import (
     EngineError,
     PromptTooLongError,
     RequestOutput,
     SamplingParams,
     TokenLogprob,
 )
-from server.auth import ApiKeyAuth
-from server.errors import APIError, from_engine_error
-from server.generation import ClientDisconnected, EngineStream, until_disconnect
-from server.metrics import Metrics
-from server.middleware import request_id
-from server.prompt import messages_to_chat
-from server.protocol import (
+from chatglm_serve.server.auth import ApiKeyAuth
+from chatglm_serve.server.errors import APIError, from_engine_error
+from chatglm_serve.server.generation import ClientDisconnected, EngineStream, until_disconnect
+from chatglm_serve.server.metrics import Metrics
+from chatglm_serve.server.middleware import request_id
+from chatglm_serve.server.prompt import messages_to_chat
+from chatglm_serve.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     ErrorResponse,
@@ -34,7 +34,7 @@ from server.protocol import (
     completion_id,
     now,
 )
-from server.state import ServerState
+from chatglm_serve.server.state import ServerState
 
 log = logging.getLogger(__name__)
 

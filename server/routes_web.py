@@ -25,7 +25,7 @@ _NO_CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 def static_file(name: str) -> bytes | None:
     """A packaged page file's bytes, or None when it is not installed."""
     try:
-        return (resources.files("server") / "static" / name).read_bytes()
+        return (resources.files("chatglm_serve.server.static") / name).read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return None
 

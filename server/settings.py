@@ -23,7 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from engine.config import EngineConfig
+from chatglm_serve.engine.config import EngineArgs, EngineConfig
 
 ENV_PREFIX = "CHATGLM_"
 CONFIG_ENV = "CHATGLM_CONFIG"
@@ -287,14 +287,6 @@ def load_settings(
     )
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch  # only to ask whether CUDA is there
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def engine_config(settings: Settings) -> EngineConfig:
     """The one place settings become the engine's sizing."""
     return EngineConfig(
@@ -310,6 +302,21 @@ def engine_config(settings: Settings) -> EngineConfig:
         reply_token_cache_size=settings.reply_token_cache_size,
         num_threads=settings.threads,
         cuda_graphs=settings.cuda_graphs,
+    )
+
+
+def engine_args(settings: Settings) -> EngineArgs:
+    """The one place settings become what the engine is built from (engine/load.py)."""
+    devices = settings.devices or [f"cuda:{i}" for i in range(settings.num_gpus or 0)]
+    return EngineArgs(
+        model=settings.model,
+        dtype=None if settings.dtype == "auto" else settings.dtype,
+        device=settings.device,
+        devices=devices or None,
+        device_map=settings.device_map,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        quantize=settings.quantize,
+        engine=engine_config(settings),
     )
 
 

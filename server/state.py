@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.errors import APIError, not_ready, shutting_down
-from server.settings import Settings
+from chatglm_serve.server.errors import APIError, not_ready, shutting_down
+from chatglm_serve.server.settings import Settings
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from chatglm_serve.engine.async_engine import AsyncEngine
 
 
 @dataclass

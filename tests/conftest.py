@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.chatglm import ChatGLMForCausalLM
-from model.checkpoint import save_checkpoint
-from model.config import ChatGLMConfig
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.checkpoint import save_checkpoint
+from chatglm_serve.model.config import ChatGLMConfig
 
 
 def tiny_config(**overrides) -> ChatGLMConfig:

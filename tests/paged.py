@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from model.attention import AttentionMetadata
-from model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
 
 class PagedRunner:

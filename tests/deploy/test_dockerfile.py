@@ -89,7 +89,7 @@ def test_multi_stage_non_root_healthcheck():
 def test_cuda_kernels_built_for_the_documented_architectures():
     text = (ROOT / "Dockerfile").read_text()
     assert 'TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"' in text
-    assert "command -v nvcc" in text and "python -m kernels.build" in text
+    assert "command -v nvcc" in text and "python -m chatglm_serve.kernels.build" in text
 
 
 def test_dockerignore_allows_every_package_and_nothing_else():
@@ -102,9 +102,9 @@ def test_dockerignore_allows_every_package_and_nothing_else():
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pattern in packages:
-        assert pattern.rstrip("*") in allowed, f"package {pattern} left out of the build context"
+    folders = {"chatglm_serve", *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    for folder in folders:
+        assert folder in allowed, f"package folder {folder} left out of the build context"
     assert {"pyproject.toml", "deploy/constraints.txt"} <= allowed
     for private in ("tests", ".git", "bench"):
         assert private not in allowed

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from model.chatglm import ChatGLMForCausalLM
-from model.demo import demo_config
-from model.demo_tokenizer import demo_corpus_lines, train_demo_tokenizer_bytes
-from model.tokenizer import ChatGLMTokenizer
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.demo import demo_config
+from chatglm_serve.model.demo_tokenizer import demo_corpus_lines, train_demo_tokenizer_bytes
+from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
 
 @pytest.fixture(scope="session")

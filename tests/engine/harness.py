@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.types import FinishReason, RequestOutput, SamplingParams
-from model.attention import AttentionMetadata
-from model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.llm_engine import LLMEngine
+from chatglm_serve.engine.types import FinishReason, RequestOutput, SamplingParams
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
 
 @dataclass

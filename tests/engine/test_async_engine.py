@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.types import (
+from chatglm_serve.engine.async_engine import AsyncEngine
+from chatglm_serve.engine.config import EngineArgs, EngineConfig
+from chatglm_serve.engine.types import (
     EngineError,
     EngineOverloadedError,
     FinishReason,
@@ -200,15 +200,19 @@ async def test_a_failing_step_fails_requests_not_the_engine(engine, tokenizer):
 
 
 async def test_from_pretrained_loads_a_checkpoint_dir(model, tokenizer, tmp_path):
-    from model.checkpoint import save_checkpoint
-    from model.demo_tokenizer import train_demo_tokenizer
+    from chatglm_serve.model.checkpoint import save_checkpoint
+    from chatglm_serve.model.demo_tokenizer import train_demo_tokenizer
 
     tok_file = train_demo_tokenizer(tmp_path / "tok" / "tokenizer.model")
     ckpt = save_checkpoint(
         model, model.config, tmp_path / "ckpt", fmt="safetensors", tokenizer_model=tok_file
     )
-    eng = AsyncEngine.from_pretrained(
-        str(ckpt), config=EngineConfig(num_blocks=32, max_num_seqs=4, max_num_batched_tokens=32)
+    eng = AsyncEngine.from_args(
+        EngineArgs(
+            str(ckpt),
+            device="cpu",
+            engine=EngineConfig(num_blocks=32, max_num_seqs=4, max_num_batched_tokens=32),
+        )
     )
     assert eng.max_model_len == min(512, 32 * 16) and eng.kv_capacity_tokens == 512
     sp = SamplingParams(max_tokens=6, **GREEDY)
@@ -222,7 +226,7 @@ async def test_launch_builds_and_steps_on_one_thread(model, tokenizer):
     """The model is loaded on the thread that steps it (one OpenMP pool; see launch)."""
     import threading
 
-    from engine.llm_engine import LLMEngine
+    from chatglm_serve.engine.llm_engine import LLMEngine
 
     threads = {}
     config = EngineConfig(num_blocks=32, max_num_seqs=4, max_num_batched_tokens=32)

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.sequence import Request, Sequence
-from engine.types import SamplingParams
+from chatglm_serve.engine.block_manager import BlockManager
+from chatglm_serve.engine.sequence import Request, Sequence
+from chatglm_serve.engine.types import SamplingParams
 
 BS = 4
 

@@ -14,21 +14,21 @@ import random
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.cuda_graphs import (
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.cuda_graphs import (
     CUDAGraphStrategy,
     EagerStrategy,
     batch_buckets,
     decode_graph_device,
     width_buckets,
 )
-from engine.model_runner import ModelRunner, plan_kv_cache
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Request, Sequence
-from engine.types import SamplingParams
-from kernels import cpu_decode
-from model.chatglm import ChatGLMForCausalLM
-from model.demo import demo_config
+from chatglm_serve.engine.model_runner import ModelRunner, plan_kv_cache
+from chatglm_serve.engine.scheduler import ScheduledSeq
+from chatglm_serve.engine.sequence import Request, Sequence
+from chatglm_serve.engine.types import SamplingParams
+from chatglm_serve.kernels import cpu_decode
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.demo import demo_config
 from tests.engine.harness import make_engine, run
 
 MAX_LEN = 128  # 8 blocks of 16 per sequence
@@ -251,7 +251,7 @@ def test_engine_generates_the_same_with_padded_decode_steps(model, tokenizer, at
 
 
 def test_graphs_only_for_a_whole_model_on_one_cuda_device(model, monkeypatch):
-    import engine.cuda_graphs as cg
+    import chatglm_serve.engine.cuda_graphs as cg
 
     assert decode_graph_device(model, True) is None  # on the CPU
     cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.types import (
+from chatglm_serve.engine.types import (
     EngineError,
     EngineOverloadedError,
     FinishReason,

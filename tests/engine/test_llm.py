@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm import ChatGLM, ChatPrompt, process_response
-from engine.types import FinishReason, SamplingParams
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.llm import ChatGLM, ChatPrompt, process_response
+from chatglm_serve.engine.llm_engine import LLMEngine
+from chatglm_serve.engine.types import FinishReason, SamplingParams
 
 GREEDY = {"do_sample": False}
 
@@ -15,7 +16,7 @@ def make_glm(model, tokenizer, **kw) -> ChatGLM:
     kw.setdefault("num_blocks", 256)
     kw.setdefault("max_num_seqs", 32)
     kw.setdefault("max_num_batched_tokens", 512)
-    return ChatGLM(model, tokenizer, EngineConfig(**kw))
+    return ChatGLM(LLMEngine(model, tokenizer, EngineConfig(**kw)))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_generate_takes_chats_token_ids_and_per_prompt_params(glm, tokenizer):
 
 
 def test_generate_refuses_a_prompt_too_long_before_running_any(glm):
-    from engine.types import PromptTooLongError
+    from chatglm_serve.engine.types import PromptTooLongError
 
     too_long = list(glm.tokenizer.encode("x")) * glm.max_model_len
     with pytest.raises(PromptTooLongError):

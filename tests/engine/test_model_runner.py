@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, plan_kv_cache
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Request, Sequence
-from engine.types import SamplingParams
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.model_runner import ModelRunner, plan_kv_cache
+from chatglm_serve.engine.scheduler import ScheduledSeq
+from chatglm_serve.engine.sequence import Request, Sequence
+from chatglm_serve.engine.types import SamplingParams
 
 
 def per_block(model, bs=16, dtype=torch.float32) -> int:
@@ -37,7 +37,7 @@ def test_cpu_default_is_capped_at_what_can_be_used(model):
 
 def test_gpu_budget_is_a_fraction_of_free_memory_per_device(model, monkeypatch):
     """No GPU here: pretend the layers live on two GPUs to check the arithmetic."""
-    from engine.model_runner import _activation_reserve
+    from chatglm_serve.engine.model_runner import _activation_reserve
 
     devices = [torch.device("cuda", 0), torch.device("cuda", 1)]  # one layer each
     monkeypatch.setattr(model, "layer_devices", lambda: devices)

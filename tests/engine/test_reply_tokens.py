@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from engine.reply_tokens import ReplyTokenMap
+from chatglm_serve.engine.reply_tokens import ReplyTokenMap
 
 
 def test_records_only_ids_that_spell_the_text_exactly(tokenizer):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow
-from engine.types import SamplingParams
+from chatglm_serve.engine.sampler import Sampler, SamplingRow
+from chatglm_serve.engine.types import SamplingParams
 
 V = 50
 
@@ -165,7 +165,7 @@ def test_penalties_and_bans_change_the_choice_but_not_the_logprobs():
 
 
 def test_draw_never_picks_a_zero_probability_entry():
-    from engine.sampler import _draw
+    from chatglm_serve.engine.sampler import _draw
 
     cdf = torch.tensor([[0.0, 0.0, 0.5, 0.5, 1.0, 1.0]]).repeat(4, 1)
     u = torch.tensor([0.0, 0.25, 0.5, 0.9999999999])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from engine.stop import find_stop, partial_stop_len, split_stream
+from chatglm_serve.engine.stop import find_stop, partial_stop_len, split_stream
 
 
 def stream(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:

@@ -14,10 +14,15 @@ import httpx
 import pytest
 import torch
 
-from engine.tp_worker import TPLoadSpec, start_tensor_parallel
-from model.config import ChatGLMConfig, ConfigError
-from model.loader import load_checkpoint
-from model.tensor_parallel import ShardLayout, TensorParallel, TPGroup, check_tensor_parallel
+from chatglm_serve.engine.tp_worker import TPLoadSpec, start_tensor_parallel
+from chatglm_serve.model.config import ChatGLMConfig, ConfigError
+from chatglm_serve.model.loader import load_checkpoint
+from chatglm_serve.model.tensor_parallel import (
+    ShardLayout,
+    TensorParallel,
+    TPGroup,
+    check_tensor_parallel,
+)
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 
@@ -133,7 +138,7 @@ def test_apply_shards_a_loaded_model_and_its_kv_cache_shape(tiny_model, tiny_cfg
 
 
 def test_quantized_tensor_parallel_is_refused(tiny_cfg):
-    from model.chatglm import ChatGLMForCausalLM
+    from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 
     with torch.device("meta"):
         model = ChatGLMForCausalLM(tiny_cfg)
@@ -175,7 +180,7 @@ def test_gloo_tensor_parallel_matches_single_process_logits(tiny_checkpoints, wo
 
 
 def test_bad_requests_are_refused_before_any_process_starts(tiny_checkpoints):
-    from model.placement import PlacementError
+    from chatglm_serve.model.placement import PlacementError
 
     path = str(tiny_checkpoints["bin-single"])
     with pytest.raises(ConfigError, match="tensor_parallel_size 3 does not divide"):
@@ -188,7 +193,7 @@ def test_bad_requests_are_refused_before_any_process_starts(tiny_checkpoints):
 def test_broken_checkpoint_fails_cleanly_without_hanging(tmp_path, tiny_checkpoints):
     import shutil
 
-    from model.loader import CheckpointError
+    from chatglm_serve.model.loader import CheckpointError
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_checkpoints["bin-single"], bad)
@@ -202,10 +207,10 @@ def test_broken_checkpoint_fails_cleanly_without_hanging(tmp_path, tiny_checkpoi
 
 def test_tensor_parallel_daemon_serves_a_chat_request_end_to_end():
     """--tensor-parallel-size 2 through the daemon's own loader, the engine and HTTP."""
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
-    from server.app import create_app, load_engine
-    from server.settings import load_settings
+    from chatglm_serve.engine.async_engine import AsyncEngine
+    from chatglm_serve.engine.config import EngineArgs, EngineConfig
+    from chatglm_serve.server.app import create_app, load_engine
+    from chatglm_serve.server.settings import load_settings
 
     common = {"dtype": "float32", "kv_cache_tokens": 2048, "max_model_len": 256}
     body = {
@@ -237,8 +242,13 @@ def test_tensor_parallel_daemon_serves_a_chat_request_end_to_end():
     assert all(not p.is_alive() and p.exitcode == 0 for p in leader._processes)
     assert not torch.distributed.is_initialized()
 
-    single = AsyncEngine.from_pretrained(
-        None, dtype="float32", config=EngineConfig(kv_cache_tokens=2048, max_model_len=256)
+    single = AsyncEngine.from_args(
+        EngineArgs(
+            None,
+            dtype="float32",
+            device="cpu",
+            engine=EngineConfig(kv_cache_tokens=2048, max_model_len=256),
+        )
     )
     want = asyncio.run(serve(single))
     assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] > 0

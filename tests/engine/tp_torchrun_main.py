@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from engine.tp_worker import TPLoadSpec, start_tensor_parallel
+from chatglm_serve.engine.tp_worker import TPLoadSpec, start_tensor_parallel
 from tests.paged import PagedRunner
 
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time kernel builds: `python -m kernels.build` fills a kernel cache, and a later process
+"""Ahead-of-time kernel builds: `python -m chatglm_serve.kernels.build` fills a kernel cache, and a later process
 with no compiler, no ninja and a read-only cache imports the prebuilt extensions from it and
 computes exactly what the freshly built ones do (the Docker runtime image relies on this)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import build, cpu_decode, ops
+from chatglm_serve.kernels import build, cpu_decode, ops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import build, cpu_decode, ops
+from chatglm_serve.kernels import build, cpu_decode, ops
 
 torch.set_num_threads(1)
 inp, out, cache = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -104,7 +104,7 @@ def _read_only(cache: Path, cmd: list[str]) -> tuple[list[str], bool]:
 
 @pytest.fixture(scope="module")
 def aot_cache(tmp_path_factory) -> Path:
-    """A kernel cache filled by `python -m kernels.build --cpu`.
+    """A kernel cache filled by `python -m chatglm_serve.kernels.build --cpu`.
 
     The compile itself (the same cpp_extension build that first use runs, ~30 s per extension)
     is reused from this session's cache: the build directories for the current fingerprints are
@@ -121,7 +121,7 @@ def aot_cache(tmp_path_factory) -> Path:
         shutil.copytree(src, cache / src.name, ignore=shutil.ignore_patterns(build.STAMP))
     env = {**os.environ, "CHATGLM_SERVE_KERNEL_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     r = subprocess.run(
-        [sys.executable, "-m", "kernels.build", "--cpu"],
+        [sys.executable, "-m", "chatglm_serve.kernels.build", "--cpu"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -219,7 +219,7 @@ def test_unwritable_cache_without_a_prebuilt_build_says_what_to_run(tmp_path, mo
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("CHATGLM_SERVE_KERNEL_CACHE", str(blocker / "kernels"))  # cannot exist
-    with pytest.raises(build.KernelUnavailable, match="python -m kernels.build"):
+    with pytest.raises(build.KernelUnavailable, match="python -m chatglm_serve.kernels.build"):
         build._load("chatglm_quant_cpu", build.CPU_SOURCES, [], False, extra_cflags=["-O3"])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import build, ops
+from chatglm_serve.kernels import build, ops
 
 
 def _q(bits: int, n: int, k: int, seed: int) -> torch.Tensor:

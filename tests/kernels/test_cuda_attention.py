@@ -12,9 +12,9 @@ import subprocess
 import pytest
 import torch
 
-from kernels import build, cuda_decode
-from model import attention
-from model.attention import AttentionMetadata
+from chatglm_serve.kernels import build, cuda_decode
+from chatglm_serve.model import attention
+from chatglm_serve.model.attention import AttentionMetadata
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SOURCE = build.CSRC / "cuda" / "paged_attention.cu"

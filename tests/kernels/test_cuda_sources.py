@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import build, ops
+from chatglm_serve.kernels import build, ops
 
 needs_nvcc = pytest.mark.skipif(
     build.nvcc_path() is None, reason="nvcc (CUDA toolkit) not installed"
@@ -126,7 +126,7 @@ SHAPES_6B = [(4096, 4608), (4096, 4096), (4096, 27392), (13696, 4096)]  # (K, N)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,group", [(4, None), (4, 128), (8, None)])
 def test_gpu_kernels_match_reference(dtype, bits, group):
-    from model.quantize import QuantLinear, QuantSpec
+    from chatglm_serve.model.quantize import QuantLinear, QuantSpec
 
     for k, n in SHAPES_6B:
         g = torch.Generator(device="cuda").manual_seed(k + n)
@@ -148,7 +148,7 @@ def test_gpu_kernels_match_reference(dtype, bits, group):
 
 @needs_gpu
 def test_gpu_odd_sizes_are_rejected_or_handled():
-    from model.quantize import QuantLinear, QuantSpec
+    from chatglm_serve.model.quantize import QuantLinear, QuantSpec
 
     lin = QuantLinear(48, 40, False, QuantSpec(4), from_checkpoint=False, name="odd")
     lin.load_weight("weight", torch.randn(40, 48, device="cuda"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.chatglm import ChatGLMForCausalLM
-from model.hf_glm import glm_from_state
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.hf_glm import glm_from_state
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_decode
-from kernels.build import KernelUnavailable
-from model import attention
-from model.attention import AttentionMetadata
-from model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
-from model.cpu_linear import (
+from chatglm_serve.kernels import cpu_decode
+from chatglm_serve.kernels.build import KernelUnavailable
+from chatglm_serve.model import attention
+from chatglm_serve.model.attention import AttentionMetadata
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
+from chatglm_serve.model.cpu_linear import (
     AmxLinear,
     PackedLinear,
     PanelLinear,

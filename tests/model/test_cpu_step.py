@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_decode
-from kernels.build import KernelUnavailable
-from model import cpu_step
-from model.chatglm import ChatGLMForCausalLM
-from model.cpu_linear import AmxLinear, PanelLinear, SmallBatchLinear
+from chatglm_serve.kernels import cpu_decode
+from chatglm_serve.kernels.build import KernelUnavailable
+from chatglm_serve.model import cpu_step
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.cpu_linear import AmxLinear, PanelLinear, SmallBatchLinear
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from model.demo import demo_checkpoint_dir
-from model.loader import load_model_and_tokenizer, weight_files
+from chatglm_serve.model.demo import demo_checkpoint_dir
+from chatglm_serve.model.loader import load_model_and_tokenizer, weight_files
 
 
 def test_demo_is_an_hf_directory_built_once(tmp_path):

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from model.demo_tokenizer import train_demo_tokenizer_bytes
-from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import ChatGLMTokenizer
+from chatglm_serve.model.demo_tokenizer import train_demo_tokenizer_bytes
+from chatglm_serve.model.detokenizer import IncrementalDetokenizer
+from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
 FFFD = "\ufffd"
 

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from model.config import ChatGLMConfig, ConfigError
-from model.loader import CheckpointError, load_checkpoint, weight_files
+from chatglm_serve.model.config import ChatGLMConfig, ConfigError
+from chatglm_serve.model.loader import CheckpointError, load_checkpoint, weight_files
 from tests.paged import PagedRunner
 
 LAYOUTS = ["bin-sharded", "safetensors-sharded", "bin-single", "safetensors-single"]
@@ -188,9 +188,9 @@ def test_reads_the_real_chatglm2_6b_config():
 
 
 def test_on_the_fly_int4_uses_groups_of_128_where_shapes_allow(tmp_path):
-    from model.chatglm import ChatGLMForCausalLM
-    from model.checkpoint import save_checkpoint
-    from model.quantize import quantized_modules
+    from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+    from chatglm_serve.model.checkpoint import save_checkpoint
+    from chatglm_serve.model.quantize import quantized_modules
     from tests.conftest import tiny_config
 
     cfg = tiny_config(hidden_size=128, ffn_hidden_size=256, num_attention_heads=8)
@@ -203,8 +203,8 @@ def test_on_the_fly_int4_uses_groups_of_128_where_shapes_allow(tmp_path):
 
 
 def test_int4_checkpoint_with_quantized_head_round_trips(tmp_path, tiny_model, tiny_cfg):
-    from model.checkpoint import save_checkpoint
-    from model.quantize import QuantSpec, quantize_model
+    from chatglm_serve.model.checkpoint import save_checkpoint
+    from chatglm_serve.model.quantize import QuantSpec, quantize_model
 
     src = tiny_model.__class__.random(tiny_cfg, seed=7, std=0.1)
     quantize_model(src, QuantSpec(bits=4, group_size=32, quantize_output_layer=True))

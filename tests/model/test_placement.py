@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from model.config import ChatGLMConfig
-from model.loader import load_checkpoint
-from model.placement import (
+from chatglm_serve.model.config import ChatGLMConfig
+from chatglm_serve.model.loader import load_checkpoint
+from chatglm_serve.model.placement import (
     EMBEDDING,
     FINAL_NORM,
     OUTPUT_LAYER,
@@ -300,9 +300,9 @@ def test_layer_split_cpu_cpu_streams_each_tensor_to_its_stage(tiny_checkpoints):
 
 
 def test_load_placed_logs_the_plan(caplog):
-    from model.placement import load_placed
+    from chatglm_serve.model.placement import load_placed
 
-    with caplog.at_level(logging.INFO, logger="model.placement"):
+    with caplog.at_level(logging.INFO, logger="chatglm_serve.model.placement"):
         model, tokenizer, plan = load_placed(None, "cpu,cpu", dtype="float32")
     assert "placement plan" in caplog.text and "[1] cpu" in caplog.text
     assert [str(d) for d in model.layer_devices()] == ["cpu", "cpu"]
@@ -312,9 +312,9 @@ def test_load_placed_logs_the_plan(caplog):
 def test_layer_split_through_the_engine_gives_the_same_greedy_tokens():
     import asyncio
 
-    from engine.types import SamplingParams
-    from server.app import load_engine
-    from server.settings import load_settings
+    from chatglm_serve.engine.types import SamplingParams
+    from chatglm_serve.server.app import load_engine
+    from chatglm_serve.server.settings import load_settings
 
     def greedy(**values):
         settings = load_settings(
@@ -345,8 +345,8 @@ def test_layer_split_through_the_engine_gives_the_same_greedy_tokens():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_cpu_split_matches_single_device(tmp_path):
     """A scaled model split cuda:0,cpu (activations cross once each way) matches one device."""
-    from model.chatglm import ChatGLMForCausalLM
-    from model.checkpoint import save_checkpoint
+    from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+    from chatglm_serve.model.checkpoint import save_checkpoint
     from tests.conftest import tiny_config
 
     cfg = tiny_config(
@@ -369,8 +369,8 @@ def test_cuda_cpu_split_matches_single_device(tmp_path):
 
 
 def test_settings_and_flags_for_placement(tmp_path):
-    from server.cli import parse
-    from server.settings import load_settings
+    from chatglm_serve.server.cli import parse
+    from chatglm_serve.server.settings import load_settings
 
     want = {"embedding": "cuda:0", "layers.0-13": "cuda:0", "layers.14-27": "cuda:1"}
     s = load_settings(

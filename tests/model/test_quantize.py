@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.ops import activation_block, cpu_impls, quantize_activations_reference
-from model.chatglm import ChatGLMForCausalLM
-from model.checkpoint import save_checkpoint
-from model.loader import load_checkpoint
-from model.quantize import (
+from chatglm_serve.kernels.ops import activation_block, cpu_impls, quantize_activations_reference
+from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.checkpoint import save_checkpoint
+from chatglm_serve.model.loader import load_checkpoint
+from chatglm_serve.model.quantize import (
     QuantFormatError,
     QuantLinear,
     QuantSpec,
@@ -349,9 +349,9 @@ def test_spec_validation():
 
 
 def test_without_the_cpu_extension_falls_back_to_torch(monkeypatch):
-    import model.quantize
+    import chatglm_serve.model.quantize as quantize
 
-    monkeypatch.setattr(model.quantize, "cpu_kernels_or_none", lambda: None)
+    monkeypatch.setattr(quantize, "cpu_kernels_or_none", lambda: None)
     lin = QuantLinear(64, 32, False, QuantSpec(4), from_checkpoint=False, name="nokernel")
     w = torch.randn(32, 64)
     lin.load_weight("weight", w)

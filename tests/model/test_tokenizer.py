@@ -13,14 +13,14 @@ import os
 import pytest
 import sentencepiece as spm
 
-from model.demo_tokenizer import (
+from chatglm_serve.model.demo_tokenizer import (
     CORPUS_PATH,
     DEFAULT_VOCAB_SIZE,
     demo_corpus_lines,
     train_demo_tokenizer,
     train_demo_tokenizer_bytes,
 )
-from model.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, build_chat_prompt
+from chatglm_serve.model.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, build_chat_prompt
 
 REAL_TOKENIZER = os.environ.get("CHATGLM_TOKENIZER_MODEL")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from server.app import create_app
+from chatglm_serve.server.app import create_app
 from tests.server.conftest import (  # noqa: F401  (fixtures, registered by import)
     LiveServer,
     engine_factory,

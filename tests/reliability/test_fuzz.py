@@ -12,7 +12,7 @@ import json
 import httpx
 import pytest
 
-from server.app import create_app
+from chatglm_serve.server.app import create_app
 from tests.reliability.conftest import USER, assert_error, error_of
 from tests.reliability.fuzzing import fuzz
 from tests.server.conftest import LiveServer, settings, wait_idle

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from server.app import create_app
+from chatglm_serve.server.app import create_app
 from tests.reliability.conftest import assert_error
 from tests.server.conftest import LiveServer, settings, wait_idle
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import create_app
+from chatglm_serve.server.app import create_app
 from tests.reliability.conftest import USER, assert_error, settings
 
 KEYS = ["sk-first-9f8e7d6c5b4a", "sk-second-0a1b2c3d4e5f"]
@@ -92,7 +92,7 @@ def test_keys_are_compared_in_constant_time_against_every_key(daemon, monkeypatc
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("server.auth.hmac.compare_digest", spy)
+    monkeypatch.setattr("chatglm_serve.server.auth.hmac.compare_digest", spy)
     server = daemon(api_keys=KEYS)
     for given, status in ((KEYS[0], 200), (KEYS[1], 200), ("sk-wrong", 401)):
         calls.clear()
@@ -113,7 +113,7 @@ def test_keys_never_reach_the_logs(tmp_path):
         "PYTHONUNBUFFERED": "1",
     }
     log = tmp_path / "daemon.log"
-    cmd = [sys.executable, "-m", "server", "serve", "--port", "0", "--api-key", KEYS[1]]
+    cmd = [sys.executable, "-m", "chatglm_serve", "serve", "--port", "0", "--api-key", KEYS[1]]
     cmd += ["--log-level", "debug", "--max-model-len", "128", "--kv-cache-tokens", "2048"]
     cmd += ["--max-body-bytes", "4096"]
     with open(log, "wb") as out:

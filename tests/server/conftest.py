@@ -17,11 +17,11 @@ import httpx
 import pytest
 import uvicorn
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from model.loader import load_model_and_tokenizer
-from server.app import create_app
-from server.settings import Settings, load_settings
+from chatglm_serve.engine.async_engine import AsyncEngine
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.model.loader import load_model_and_tokenizer
+from chatglm_serve.server.app import create_app
+from chatglm_serve.server.settings import Settings, load_settings
 
 # Small context so "max_tokens past the context" and "no max_tokens" runs are quick.
 MAX_MODEL_LEN = 256

@@ -9,9 +9,9 @@ import json
 import httpx
 import pytest
 
-from engine.types import SamplingParams
-from server.app import create_app
-from server.protocol import ChatCompletion, ChatCompletionChunk
+from chatglm_serve.engine.types import SamplingParams
+from chatglm_serve.server.app import create_app
+from chatglm_serve.server.protocol import ChatCompletion, ChatCompletionChunk
 from tests.engine.harness import fail_step
 from tests.server.conftest import MAX_MODEL_LEN, settings, sse_json, wait_idle
 
@@ -328,7 +328,7 @@ async def test_draining_and_loading_are_503(make_app):
 
 async def test_health_503_until_loaded_then_200(monkeypatch, tmp_path):
     """The lifespan loads the model in the background: 503 (not ready) first, then 200."""
-    import server.app as app_module
+    import chatglm_serve.server.app as app_module
 
     gate = asyncio.Event()
     loaded_engine = {}

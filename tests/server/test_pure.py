@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from engine.config import EngineConfig
-from server.auth import ApiKeyAuth
-from server.errors import APIError
-from server.prompt import messages_to_chat
-from server.protocol import ChatCompletionRequest, ChatMessage, LegacyRequest
-from server.routes_openai import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, sampling_params
-from server.settings import Settings, SettingsError, engine_config, load_settings, settings_table
+from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.server.auth import ApiKeyAuth
+from chatglm_serve.server.errors import APIError
+from chatglm_serve.server.prompt import messages_to_chat
+from chatglm_serve.server.protocol import ChatCompletionRequest, ChatMessage, LegacyRequest
+from chatglm_serve.server.routes_openai import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, sampling_params
+from chatglm_serve.server.settings import (
+    Settings,
+    SettingsError,
+    engine_config,
+    load_settings,
+    settings_table,
+)
 
 
 def msgs(*pairs: tuple[str, object]) -> list[ChatMessage]:
@@ -249,7 +255,7 @@ def test_engine_config_mapping():
 
 
 def test_cuda_graphs_setting():
-    from server.cli import parse
+    from chatglm_serve.server.cli import parse
 
     assert engine_config(load_settings({}, environ={})).cuda_graphs
     assert not engine_config(
@@ -260,7 +266,7 @@ def test_cuda_graphs_setting():
 
 
 def test_every_setting_is_documented_and_has_a_flag():
-    from server.cli import build_parser
+    from chatglm_serve.server.cli import build_parser
 
     table = settings_table()
     for name, field in Settings.model_fields.items():
@@ -272,7 +278,7 @@ def test_every_setting_is_documented_and_has_a_flag():
 
 
 def test_cli_flags_parse():
-    from server.cli import parse
+    from chatglm_serve.server.cli import parse
 
     command, _, s = parse(
         ["--port", "9001", "--api-key", "k1", "--api-key", "k2", "--quantize", "8", "--no-web-ui"]

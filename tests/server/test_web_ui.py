@@ -77,7 +77,7 @@ def test_no_web_ui_turns_the_page_off(http):
 
 
 def test_no_web_ui_flag():
-    from server.cli import parse
+    from chatglm_serve.server.cli import parse
 
     assert parse(["--no-web-ui"])[2].web_ui is False
     assert parse([])[2].web_ui is True
