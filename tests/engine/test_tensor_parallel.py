@@ -275,6 +275,57 @@ def test_torchrun_launch_matches_single_process(tiny_checkpoints):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
 
 
+def test_torchrun_m_chatglm_serve_serves_http_from_rank_0(tmp_path):
+    """`torchrun -m chatglm_serve --tensor-parallel-size 2`, as the README says, from a folder
+    that is not the checkout (the installed package, not the source tree, is what runs)."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("CHATGLM_")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "chatglm_serve", "--tensor-parallel-size", "2", "--dtype", "float32",
+        "--port", str(port), "--max-model-len", "256",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the torchrun daemon did not become healthy"
+            time.sleep(0.2)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
