@@ -132,7 +132,7 @@ def create_app(
 
     # GET /: the web chat page for a browser when web_ui is on and the page is installed
     # (server/routes_web.py), else a JSON pointer to /docs. POST / is the legacy API above.
-    app.include_router(make_web_router(settings.web_ui, serve_index=False))
+    app.include_router(make_web_router(settings, serve_index=False))
 
     @app.get("/", include_in_schema=False)
     async def root(request: Request) -> Response:

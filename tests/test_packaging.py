@@ -107,6 +107,12 @@ def test_built_wheel_installs_only_chatglm_serve(tmp_path):
         "chatglm_serve/model/demo_corpus.txt",
         "chatglm_serve/server/cli.py",
         "chatglm_serve/server/static/index.html",
+        "chatglm_serve/server/static/marked.umd.js",  # the page's vendored libraries...
+        "chatglm_serve/server/static/purify.min.js",
+        "chatglm_serve/server/static/VENDORED.txt",  # ...with their licenses
+        "chatglm_serve/server/static/LICENSE.marked.md",
+        "chatglm_serve/server/static/LICENSE.dompurify-Apache-2.0.txt",
+        "chatglm_serve/server/static/LICENSE.dompurify-MPL-2.0.txt",
         "chatglm_serve/kernels/build.py",
         "chatglm_serve/kernels/csrc/cpu/decode_stack.cpp",
         "chatglm_serve/kernels/csrc/cuda/paged_attention.cu",
