@@ -31,10 +31,11 @@ WRONG = [
     f"Basic {KEYS[0]}",
     KEYS[0],  # no scheme
 ]
-# Reachable without a key: the probe, the page a browser loads before it has a key, the docs.
+# Reachable without a key: the probe, the page a browser loads before it has a key (and its
+# /info: the served name, demo or not), the docs.
 PUBLIC = {
     (path, "GET")
-    for path in ("/health", "/", "/static/{name}", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+    for path in ("/health", "/", "/static/{name}", "/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 }  # fmt: skip
 ROOT = Path(__file__).resolve().parents[2]
 
