@@ -520,6 +520,23 @@ def test_replies_are_rendered_as_markdown_with_copy_buttons(page, serve):
     screenshots(page, "markdown", show=".msg.assistant")
 
 
+def test_copy_works_without_the_clipboard_api(page, serve):
+    """Over plain http from another machine (not a secure context) the browser has no
+    navigator.clipboard: Copy falls back to a selection copy and still says so."""
+    server = serve()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.add_init_script("delete Navigator.prototype.clipboard")
+    play(page, canned_stream("```sh\nls -l\n```"))
+    open_page(page, server)
+    assert page.evaluate("navigator.clipboard") is None
+    ask(page, "a command")
+    page.click(".copy-code")
+    wait_until(lambda: page.locator(".copy-code").text_content() == "Copied")
+    reader = page.context.new_page()  # a page of the same browser that has the clipboard API
+    reader.goto(server.url + "/static/VENDORED.txt")
+    assert reader.evaluate("navigator.clipboard.readText()") == "ls -l"
+
+
 def test_model_text_is_never_markup(page, serve):
     """Model output with raw HTML and a fenced block: the HTML is shown as text, never run."""
     server = serve()
@@ -594,6 +611,26 @@ def test_conversations_are_listed_switched_and_survive_a_reload(page, serve):
     other.wait_for_selector("#conversations .conv")
     assert other.locator(".msg").count() == 0
     assert other.locator("#conversations .conv-title").all_text_contents() == titles(page)
+
+
+def test_a_new_chat_mid_reply_stops_it_and_keeps_it_in_its_own_conversation(
+    page, serve, slow_engine
+):
+    server = serve()
+    open_page(page, server, max_tokens=None)
+    page.fill("#input", "Write a very long story")
+    page.press("#input", "Enter")
+    wait_until(lambda: len(last_reply(page) or "") > 5)
+    page.click("#new-chat")
+    wait_idle(slow_engine)  # the request was aborted in the engine
+    wait_idle_page(page)
+    assert page.locator(".msg").count() == 0  # nothing of it drawn into the new chat
+    wait_until(lambda: len(stored(page)) == 1)
+    (old,) = stored(page)
+    assert old["title"] == "Write a very long story"
+    assert old["messages"][1]["meta"]["finish"] == "stopped" and old["messages"][1]["content"]
+    page.click(".conv-title >> text=Write a very long story")
+    assert page.locator(".msg.assistant .finish").text_content() == "stopped by you"
 
 
 def test_rename_and_delete_a_conversation(page, serve):
