@@ -933,16 +933,21 @@ def test_usable_at_phone_width(browser, serve):
         for sel in (".msg.user", ".msg.assistant"):
             box = page.locator(sel).last.bounding_box()
             assert box["x"] >= 0 and box["x"] + box["width"] <= 375, sel
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_ui_phone.png"), full_page=True)
         assert page.locator("#sidebar").is_hidden()  # a drawer at this width
         page.tap("#open-sidebar")
         page.locator("#sidebar").wait_for(state="visible")
         box = page.locator("#sidebar").bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 375
+        # no hover on a touch screen: Rename and Delete are shown on every row
+        assert (
+            page.locator(".conv-rename").is_visible() and page.locator(".conv-delete").is_visible()
+        )
+        page.screenshot(path=str(ARTIFACTS / "web_ui_phone_drawer.png"))
         page.tap("#new-chat")  # opens a new chat and closes the drawer
         page.locator("#sidebar").wait_for(state="hidden")
         assert page.locator(".msg").count() == 0
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "web_ui_phone.png"), full_page=True)
         assert not page.errors
     finally:
         page.context.close()
