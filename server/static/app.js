@@ -730,7 +730,7 @@
     // Like the seed's demo, a stopped reply stays in the conversation as far as it got.
     const tokens = usage ? usage.completion_tokens : chunks;
     const stats = formatStats(tokens, Boolean(usage), tStart, tFirst, tEnd);
-    const meta = { stats: state.stopped ? `stopped · ${stats}` : stats, finish: state.stopped ? "stopped" : finish };
+    const meta = { stats, finish: state.stopped ? "stopped" : finish };
     conv.messages = base.concat([
       { role: "user", content: text },
       { role: "assistant", content: answer, meta },
