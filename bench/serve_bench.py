@@ -281,7 +281,7 @@ def start_ours(args: argparse.Namespace) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "chatglm_serve", "--model", args.ckpt, "--port", str(port)]
     cmd += ["--max-num-seqs", str(max(args.concurrency, 16)), "--log-level", "warning"]
-    cmd += ["--threads", str(args.threads), "--shutdown-timeout", "1"]
+    cmd += ["--threads", str(args.threads), "--shutdown-timeout", "1", "--device", args.device]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     if args.quantize:
@@ -326,7 +326,11 @@ async def engine_load(args: argparse.Namespace, reqs: list[Request]) -> list[Rec
     # loaded as the daemon loads it, on the engine's own thread (AsyncEngine.launch says why)
     engine = AsyncEngine.from_args(
         EngineArgs(
-            model=args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize, engine=config
+            model=args.ckpt,
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            engine=config,
         )
     )
     counter = iter(range(1 << 30))
@@ -370,19 +374,22 @@ def hf_targets(args: argparse.Namespace, reqs: list[Request], which: list[str]) 
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(
-        EngineArgs(model=args.ckpt, dtype=args.dtype, device="cpu", quantize=args.quantize)
+        EngineArgs(model=args.ckpt, dtype=args.dtype, device=args.device, quantize=args.quantize)
     )
+    device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    ref = glm_from_state(model.state_dict(), model.config, dtype)
+    ref = glm_from_state(model.state_dict(), model.config, dtype).to(device)
     del model
     out = []
     with torch.inference_mode():
-        ref.generate(torch.tensor([reqs[0].prompt_ids]), max_new_tokens=2, pad_token_id=0)
+        ref.generate(
+            torch.tensor([reqs[0].prompt_ids], device=device), max_new_tokens=2, pad_token_id=0
+        )
         if "hf-seq" in which:
             recs = []
-            for r in reqs:
+            for r in reqs[: args.hf_seq_requests or len(reqs)]:
                 rec = Record(t0=time.perf_counter())
-                ids = torch.tensor([r.prompt_ids])
+                ids = torch.tensor([r.prompt_ids], device=device)
                 g = ref.generate(
                     ids,
                     max_new_tokens=r.max_tokens,
@@ -410,8 +417,8 @@ def hf_targets(args: argparse.Namespace, reqs: list[Request], which: list[str]) 
                 most = max(r.max_tokens for r in batch)
                 t0 = time.perf_counter()
                 ref.generate(
-                    ids,
-                    attention_mask=mask,
+                    ids.to(device),
+                    attention_mask=mask.to(device),
                     max_new_tokens=most,
                     min_new_tokens=most,
                     do_sample=False,
@@ -458,7 +465,7 @@ def median_result(results: list[Result]) -> tuple[Result, str]:
     return med, f"[{min(tok):.1f}-{max(tok):.1f}]"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -471,6 +478,10 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="ours: float32 / bfloat16 (default: the file's)")
     ap.add_argument("--quantize", type=int, choices=[4, 8], default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="ours, engine and HF: cpu, cuda, auto")
+    ap.add_argument(
+        "--hf-seq-requests", type=int, default=0, help="hf-seq: only the first N (default all)"
+    )
     ap.add_argument("-c", "--concurrency", type=int, default=16)
     ap.add_argument("-n", "--requests-per-client", type=int, default=4)
     ap.add_argument("--num-requests", type=int, default=0, help="total (default c x n)")
@@ -486,6 +497,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json-out", default="")
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
 
     from chatglm_serve.model.tokenizer import ChatGLMTokenizer

@@ -42,12 +42,19 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = [CSRC / "cpu" / "quant_matmul.cpp"]
 CPU_HEADERS = [CSRC / "cpu" / "cpu_common.h"]
-# one CUDA extension: the weight-only GEMV/dequantize and the paged decode attention
-CUDA_KERNEL_SOURCES = [CSRC / "cuda" / "quant_gemv.cu", CSRC / "cuda" / "paged_attention.cu"]
+# one CUDA extension: the weight-only GEMV/GEMM/dequantize and the paged decode attention
+CUDA_KERNEL_SOURCES = [
+    CSRC / "cuda" / "quant_gemv.cu",
+    CSRC / "cuda" / "quant_gemm.cu",
+    CSRC / "cuda" / "paged_attention.cu",
+]
 CUDA_SOURCES = [CSRC / "cuda" / "bindings.cpp", *CUDA_KERNEL_SOURCES]
 CUDA_HEADERS = [
     CSRC / "cuda" / "quant_gemv.h",
+    CSRC / "cuda" / "quant_limits.h",
     CSRC / "cuda" / "quant_decode.cuh",
+    CSRC / "cuda" / "quant_tile.cuh",
+    CSRC / "cuda" / "arg_checks.h",
     CSRC / "cuda" / "paged_attention.h",
 ]
 

@@ -124,6 +124,11 @@ def quantize_activations_reference(x: Tensor, block: int = CPU_BLOCK) -> tuple[T
 
 
 # ---------------------------------------------------------------- CUDA
+GEMV_MAX_ROWS = 8  # = kMaxGemvBatch (kernels/csrc/cuda/quant_limits.h)
+GEMM_MAX_ROWS = 64  # = kGemmMaxRows
+GEMM_K_MULTIPLE = 64  # = kGemmBK
+
+
 def pack_cuda(q: Tensor, bits: int) -> Tensor:
     """q int8 [N, K] -> int32 words [N, K/8] (int4) or [N, K/4] (int8): the GPU layout of
     kernels/csrc/cuda/quant_decode.cuh (offset-binary values, pairs in activation order)."""
@@ -164,15 +169,52 @@ def unpack_cuda(words: Tensor, bits: int) -> Tensor:
     return (u.to(torch.int16) - 128).to(torch.int8)
 
 
+def check_cuda_call(
+    x: Tensor, words: Tensor, scale: Tensor, bits: int, max_rows: int, what: str
+) -> None:
+    """Python-side argument check of the quantized CUDA calls, before the extension is touched
+    (the extension checks everything again, kernels/csrc/cuda/arg_checks.h; this keeps the common
+    mistakes, wrong row counts, dtypes and devices, out of C++ entirely). Raises ValueError."""
+    if bits not in (4, 8):
+        raise ValueError(f"{what}: bits must be 4 or 8, got {bits}")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= max_rows:
+        raise ValueError(f"{what} takes 1..{max_rows} rows of a 2-D x, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{what}: x must be float16 or bfloat16, got {x.dtype}")
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise ValueError(f"{what}: w must be int32 [N, K/{8 if bits == 4 else 4}] words")
+    if words.shape[1] * (8 if bits == 4 else 4) != x.shape[1]:
+        raise ValueError(f"{what}: w has {words.shape[1]} words per row, x has K={x.shape[1]}")
+    if scale.dtype != torch.float32:
+        raise ValueError(f"{what}: scale must be float32, got {scale.dtype}")
+    for name, t in (("x", x), ("w", words), ("scale", scale)):
+        if t.device.type != "cuda" or t.device != words.device:
+            raise ValueError(f"{what}: {name} must be on the weight's CUDA device, got {t.device}")
+
+
 def cuda_gemv(x: Tensor, words: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:
     """x [B, K] fp16/bf16, B <= 8, @ dequant(W)^T -> [B, N] in x's dtype; scale fp32 [N, G]."""
+    check_cuda_call(x, words, scale, bits, GEMV_MAX_ROWS, "gemv")
     return load_cuda_kernels().gemv(x.contiguous(), words, scale, bits, group_size)
+
+
+def cuda_gemm(
+    x: Tensor, words: Tensor, scale: Tensor, bits: int, group_size: int, splits: int = 0
+) -> Tensor:
+    """x [M, K] fp16/bf16, M <= 64 and K a multiple of 64, @ dequant(W)^T on tensor cores ->
+    [M, N] in x's dtype. splits: slices of K (0: the kernel's choice for this GPU)."""
+    if x.dim() == 2 and x.shape[1] % GEMM_K_MULTIPLE:
+        raise ValueError(f"gemm needs K a multiple of {GEMM_K_MULTIPLE}, got {x.shape[1]}")
+    check_cuda_call(x, words, scale, bits, GEMM_MAX_ROWS, "gemm")
+    return load_cuda_kernels().gemm(x.contiguous(), words, scale, bits, group_size, splits)
 
 
 def cuda_dequantize(
     words: Tensor, scale: Tensor, bits: int, group_size: int, dtype: torch.dtype
 ) -> Tensor:
-    """The full weight [N, K] in `dtype`, for prefill through cuBLAS."""
+    """The full weight [N, K] in `dtype`, for cuBLAS (large batches, prefill)."""
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"dequantize makes float16 or bfloat16, not {dtype}")
+    if words.device.type != "cuda" or scale.device != words.device:
+        raise ValueError(f"dequantize: w and scale must be on one CUDA device, got {words.device}")
     return load_cuda_kernels().dequantize(words, scale, bits, group_size, dtype == torch.bfloat16)

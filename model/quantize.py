@@ -45,11 +45,6 @@ OUTPUT_LAYER = "transformer.output_layer"
 # (the 6B output layer is 65024 x 4096) without a Python loop per row.
 _QUANT_ROW_CHUNK = 4096
 
-# On a GPU, batches up to this many rows use the GEMV kernel (memory-bound: reads the int4
-# weight once); larger ones dequantize into a temporary and use cuBLAS, whose tensor cores win
-# once the matmul is compute-bound. Unmeasured on a GPU so far (no device was lent).
-CUDA_GEMV_MAX_BATCH = 8
-
 
 # kernels/csrc/cpu/quant_matmul.cpp's implementation ids ("auto" picks by CPU and batch size)
 CPU_IMPL_IDS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512_vnni": 3, "amx": 4}
@@ -408,12 +403,12 @@ class QuantLinear(nn.Module):
         return y
 
     def _cuda_matmul(self, x: Tensor) -> Tensor:
-        from chatglm_serve.kernels.ops import cuda_dequantize, cuda_gemv
+        # GEMV (1-8 rows), tensor-core GEMM or dequantize + cuBLAS: kernels/cuda_qmm.py chooses
+        from chatglm_serve.kernels.cuda_qmm import quant_matmul
 
-        if x.shape[0] <= CUDA_GEMV_MAX_BATCH:
-            return cuda_gemv(x, self.weight, self.weight_scale, self.bits, self.group_size)
-        w = cuda_dequantize(self.weight, self.weight_scale, self.bits, self.group_size, x.dtype)
-        return F.linear(x, w)
+        return quant_matmul(
+            x.contiguous(), self.weight, self.weight_scale, self.bits, self.group_size
+        )
 
     def extra_repr(self) -> str:
         g = "row" if self.group_size == self.in_features else f"group {self.group_size}"

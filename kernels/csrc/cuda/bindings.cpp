@@ -8,61 +8,47 @@
 #include <algorithm>
 #include <initializer_list>
 
+#include "arg_checks.h"
 #include "paged_attention.h"
 #include "quant_gemv.h"
+#include "quant_limits.h"
 
 namespace {
 
 chatglm_quant::DType act_dtype(at::ScalarType t) {
-  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "activations must be float16 or bfloat16, got ", t);
   return t == at::kHalf ? chatglm_quant::DType::kHalf : chatglm_quant::DType::kBFloat16;
 }
 
-void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t bits, int64_t K,
-                  int64_t group) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kInt && w.dim() == 2 && w.is_contiguous(),
-              "w must be a contiguous int32 CUDA tensor [N, K/", bits == 4 ? 8 : 4, "]");
-  TORCH_CHECK(w.size(1) * (bits == 4 ? 8 : 4) == K, "w has ", w.size(1), " words per row; K=", K);
-  TORCH_CHECK(K % 32 == 0, "K=", K, " must be a multiple of 32");
-  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group ", group,
-              " must be a multiple of 32 dividing K=", K);
-  TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == w.size(0) * (K / group),
-              "scale must be contiguous float32 [N, K/group]");
-  TORCH_CHECK(w.device() == scale.device(), "w and scale on different devices");
+const uint32_t* words_ptr(const torch::Tensor& w) {
+  return reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
 }
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t bits,
                    int64_t group) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous CUDA [B, K]");
+  chatglm_checks::check_gemv_args(x, w, scale, bits, group, /*want_cuda=*/true);
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(B >= 1 && B <= chatglm_quant::kMaxGemvBatch, "gemv takes 1..",
-              chatglm_quant::kMaxGemvBatch, " rows, got ", B);
-  check_weight(w, scale, bits, K, group);
-  TORCH_CHECK(x.device() == w.device(), "x and w on different devices");
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({B, N}, x.options());
   const cudaError_t err = chatglm_quant::launch_gemv(
-      x.data_ptr(), reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()), scale.data_ptr<float>(),
-      y.data_ptr(), static_cast<int>(B), static_cast<int>(N), static_cast<int>(K),
-      static_cast<int>(group), static_cast<int>(bits), act_dtype(x.scalar_type()),
-      c10::cuda::getCurrentCUDAStream());
+      x.data_ptr(), words_ptr(w), scale.data_ptr<float>(), y.data_ptr(), static_cast<int>(B),
+      static_cast<int>(N), static_cast<int>(K), static_cast<int>(group), static_cast<int>(bits),
+      act_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "quantized gemv launch failed: ", cudaGetErrorString(err));
   return y;
 }
 
 torch::Tensor dequantize(torch::Tensor w, torch::Tensor scale, int64_t bits, int64_t group,
                          bool bf16) {
+  chatglm_checks::check_dequantize_args(w, scale, bits, group, /*want_cuda=*/true);
   const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kHalf;
   const int64_t N = w.size(0), K = w.size(1) * (bits == 4 ? 8 : 4);
-  check_weight(w, scale, bits, K, group);
+  TORCH_CHECK_VALUE(N * K <= INT32_MAX * int64_t{8}, "dequantize: weight too large");
   const c10::cuda::CUDAGuard guard(w.device());
   auto out = torch::empty({N, K}, w.options().dtype(dtype));
   const cudaError_t err = chatglm_quant::launch_dequantize(
-      reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()), scale.data_ptr<float>(), out.data_ptr(),
-      static_cast<int>(N), static_cast<int>(K), static_cast<int>(group), static_cast<int>(bits),
-      act_dtype(dtype), c10::cuda::getCurrentCUDAStream());
+      words_ptr(w), scale.data_ptr<float>(), out.data_ptr(), static_cast<int>(N),
+      static_cast<int>(K), static_cast<int>(group), static_cast<int>(bits), act_dtype(dtype),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dequantize launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -76,14 +62,30 @@ int sm_count(int device) {
   return n;
 }
 
-bool aligned16(const torch::Tensor& t, std::initializer_list<int64_t> strides) {
-  const int64_t per = 16 / static_cast<int64_t>(t.element_size());
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
-  for (int64_t s : strides) {
-    if (s % per) return false;
-  }
-  return true;
+// y[M, N] = x @ dequant(W)^T on tensor cores, M in 1..64; splits: K slices (0 = gemm_splits').
+torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t bits,
+                   int64_t group, int64_t splits) {
+  chatglm_checks::check_gemm_args(x, w, scale, bits, group, /*want_cuda=*/true);
+  TORCH_CHECK_VALUE(splits >= 0 && splits <= chatglm_quant::kGemmMaxSplits, "splits must be 0..",
+                    chatglm_quant::kGemmMaxSplits, ", got ", splits);
+  const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
+  const int N = static_cast<int>(w.size(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int s = splits > 0 ? static_cast<int>(splits)
+                           : chatglm_quant::gemm_splits(M, N, K, static_cast<int>(bits),
+                                                        sm_count(x.get_device()));
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor ws;
+  if (s > 1) ws = torch::empty({s, M, N}, x.options().dtype(at::kFloat));
+  const chatglm_quant::GemmArgs args{x.data_ptr(), words_ptr(w), scale.data_ptr<float>(),
+                                     y.data_ptr(), s > 1 ? ws.data_ptr<float>() : nullptr,
+                                     M, N, K, static_cast<int>(group), static_cast<int>(bits), s};
+  const cudaError_t err =
+      chatglm_quant::launch_gemm(args, act_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "quantized gemm launch failed: ", cudaGetErrorString(err));
+  return y;
 }
+
 
 // q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
 // int64; seq_lens [B] int64 -> [B, Hq, D]. Reads nothing from the GPU on the host (no sync):
@@ -92,35 +94,11 @@ bool aligned16(const torch::Tensor& t, std::initializer_list<int64_t> strides) {
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
                                      int64_t partition) {
-  TORCH_CHECK(q.is_cuda() && q.dim() == 3, "paged_decode_attention: q must be a CUDA [B, Hq, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "paged_decode_attention: caches [num_blocks, block_size, Hkv, D] of one shape");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "paged_decode_attention: q and the cache must have one dtype");
+  chatglm_checks::check_attention_args(q, k_cache, v_cache, block_tables, seq_lens,
+                                       /*want_cuda=*/true);
   const at::ScalarType st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "paged_decode_attention: float32, float16 or bfloat16, got ", st);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "paged_decode_attention: head_dim mismatch");
-  TORCH_CHECK(chatglm_attn::head_dim_supported(static_cast<int>(D)),
-              "paged_decode_attention: head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "paged_decode_attention: Hq must be a multiple of Hkv");
-  for (const auto* t : {&k_cache, &v_cache, &block_tables, &seq_lens}) {
-    TORCH_CHECK(t->device() == q.device(), "paged_decode_attention: tensors on different devices");
-  }
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "paged_decode_attention: the head_dim axis must be contiguous");
-  TORCH_CHECK(aligned16(q, {q.stride(0), q.stride(1)}) &&
-                  aligned16(k_cache, {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)}) &&
-                  aligned16(v_cache, {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)}),
-              "paged_decode_attention: q and cache rows must be 16-byte aligned");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
-              "paged_decode_attention: int64 block tables and lengths");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1 &&
-                  seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.is_contiguous(),
-              "paged_decode_attention: block_tables [B, max_blocks], seq_lens [B]");
-  TORCH_CHECK(B <= 65535 && Hq <= 65535, "paged_decode_attention: at most 65535 sequences and heads");
   const int64_t max_blocks = block_tables.size(1);
   TORCH_CHECK(max_blocks * bs < (int64_t{1} << 30), "paged_decode_attention: block table too long");
 
@@ -178,6 +156,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "weight-only int4/int8 GEMV, batch 1-8 (GPU layout, see quant_decode.cuh)");
+  m.def("gemm", &gemm,
+        "weight-only int4/int8 GEMM on tensor cores, 1-64 rows, K a multiple of 64 (quant_gemm.cu)",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bits"), py::arg("group"),
+        py::arg("splits") = 0);
+  m.def("gemm_splits", [](int64_t M, int64_t N, int64_t K, int64_t bits, int64_t device) {
+    return chatglm_quant::gemm_splits(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                      static_cast<int>(bits), sm_count(static_cast<int>(device)));
+  }, "the K splits gemm chooses for this shape on this device");
   m.def("dequantize", &dequantize, "int4/int8 GPU layout -> fp16 (bf16=False) or bf16 weight [N, K]");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over the paged KV cache, each sequence up to its own length",

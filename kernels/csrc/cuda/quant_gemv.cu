@@ -10,6 +10,7 @@
 // fp32); bf16 ones in fp32, as bf16's 8-bit mantissa cannot hold the partial sums.
 #include "quant_decode.cuh"
 #include "quant_gemv.h"
+#include "quant_tile.cuh"
 
 namespace chatglm_quant {
 namespace {
@@ -104,7 +105,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 
 template <typename T, int BITS, int B>
-__global__ void __launch_bounds__(kWarps * 32)
+// min 4 blocks per SM: ptxas may then use up to 128 registers (on sm_80 without it, it chose
+// 64 for batch 4 and spilled)
+__global__ void __launch_bounds__(kWarps * 32, 4)
     gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                 const float* __restrict__ scale, T* __restrict__ y, int N, int K, int group) {
   using F = Fmt<BITS>;
@@ -168,7 +171,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// One thread per 32-bit word: 8 (int4) or 4 (int8) outputs.
+// One thread per 32-bit word: its 8 (int4) or 4 (int8) outputs are consecutive, so one 16- or
+// 8-byte store (2-byte stores left the dequantizer at a fraction of the bandwidth). The pairs are
+// decoded by the tensor-core GEMM's own dequant_pair, so both paths give bit-identical weights.
 template <typename T, int BITS>
 __global__ void dequant_kernel(const uint32_t* __restrict__ w, const float* __restrict__ scale,
                                T* __restrict__ out, int N, int K, int group) {
@@ -181,11 +186,12 @@ __global__ void dequant_kernel(const uint32_t* __restrict__ w, const float* __re
   const float s = scale[row * (K / group) + k0 / group];
   const uint32_t word = w[idx];
   T* dst = out + row * K + k0;
-#pragma unroll
-  for (int i = 0; i < F::kPairs; ++i) {
-    const float2 q = BITS == 4 ? int4_pair_float2(word, i) : int8_pair_float2(word, i);
-    dst[2 * i] = from_float<T>(q.x * s);
-    dst[2 * i + 1] = from_float<T>(q.y * s);
+  if constexpr (BITS == 4) {
+    *reinterpret_cast<uint4*>(dst) =
+        make_uint4(dequant_pair<T, 4>(word, 0, s), dequant_pair<T, 4>(word, 1, s),
+                   dequant_pair<T, 4>(word, 2, s), dequant_pair<T, 4>(word, 3, s));
+  } else {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(dequant_pair<T, 8>(word, 0, s), dequant_pair<T, 8>(word, 1, s));
   }
 }
 
