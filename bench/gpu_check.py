@@ -303,7 +303,8 @@ class Check:
         self.ckpt = tempfile.mkdtemp(prefix="gpu_check_6b_")
         cmd = ["nice", "-n", "19", sys.executable, str(REPO / "bench" / "make_checkpoint.py"),
                "--shape", "6b", "--dtype", "float16", "--out", self.ckpt]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS="4", PYTHONPATH=str(REPO))
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, OMP_NUM_THREADS="4", PYTHONPATH=path)
         self.ckpt_proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
 

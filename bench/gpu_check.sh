@@ -15,14 +15,15 @@ cd "$(dirname "$0")/.." || exit 1
 start=$(date +%s)
 budget_total=${GPU_CHECK_SECONDS:-480}
 logs=${OUT:-$(mktemp -d)}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+site=""
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  site=":/tmp/site"
 fi
+export PYTHONPATH="$PWD$site${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi unavailable')"
 

@@ -288,7 +288,9 @@ def start_ours(args: argparse.Namespace) -> Server:
         cmd += ["--quantize", str(args.quantize)]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
-    server = Server(cmd, port, dict(os.environ, PYTHONPATH=str(REPO)))
+    # keep a PYTHONPATH already set (bench/gpu_check.sh puts carried wheels there)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    server = Server(cmd, port, dict(os.environ, PYTHONPATH=path))
     server.wait_ready("/health", 600)
     return server
 

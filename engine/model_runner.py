@@ -23,6 +23,7 @@ from chatglm_serve.engine.cuda_graphs import (
     decode_graph_device,
 )
 from chatglm_serve.engine.scheduler import ScheduledSeq
+from chatglm_serve.engine.step_inputs import StepInputs
 from chatglm_serve.model.attention import AttentionMetadata
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.config import parse_dtype
@@ -172,6 +173,10 @@ class ModelRunner:
         # host staging for block tables, reused every step
         self._tables = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int64)
         self._pin = self.cache_device.type == "cuda"
+        # eager steps on one GPU: all inputs in one pinned buffer, one copy (engine/step_inputs.py)
+        self.staging: StepInputs | None = None
+        if self._pin and self.input_device == self.cache_device:
+            self.staging = StepInputs(pin=True)
 
     def _to(self, data: list[int] | np.ndarray, device: torch.device) -> Tensor:
         t = torch.as_tensor(data, dtype=torch.int64)
@@ -238,15 +243,23 @@ class ModelRunner:
     ) -> Tensor:
         bs = self.block_size
         tables = self._tables[: len(seq_lens), :width]
+        if self.staging is not None:
+            slot_t, table_t, lens_t, input_ids, pos = self.staging.upload(
+                [slots, tables, seq_lens, ids, positions], self.cache_device
+            )
+        else:
+            slot_t = self._to(slots, self.cache_device)
+            table_t = self._to(tables.copy(), self.cache_device)
+            lens_t = self._to(seq_lens, self.cache_device)
+            input_ids = self._to(ids, self.input_device)
+            pos = self._to(positions, self.input_device)
         meta = AttentionMetadata(
-            slot_mapping=self._to(slots, self.cache_device),
+            slot_mapping=slot_t,
             query_start_loc=qsl,
             seq_lens=seq_lens,
-            block_tables=self._to(tables.copy(), self.cache_device),
+            block_tables=table_t,
             num_prefills=num_prefills,
             block_size=bs,
-            seq_lens_tensor=self._to(seq_lens, self.cache_device),
+            seq_lens_tensor=lens_t,
         )
-        input_ids = self._to(ids, self.input_device)
-        pos = self._to(positions, self.input_device)
         return self.model(input_ids, pos, self.kv_caches, meta)

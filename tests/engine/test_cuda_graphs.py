@@ -301,3 +301,48 @@ def test_cuda_graph_replay_matches_eager(tokenizer, dtype):
             for c in r.kv_caches:
                 c.zero_()
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- one copy per eager step
+def test_step_inputs_are_views_of_one_upload():
+    from chatglm_serve.engine.step_inputs import StepInputs
+
+    staging = StepInputs(pin=False)
+    tables = np_tables()
+    parts = [[5, 6, 7], tables[:2, :3], [9], list(range(2000))]
+    got = staging.upload(parts, torch.device("cpu"))
+    assert staging.copies == 1
+    assert [t.shape for t in got] == [(3,), (2, 3), (1,), (2000,)]  # the buffer grew past 1024
+    assert got[0].tolist() == [5, 6, 7] and got[2].tolist() == [9]
+    assert torch.equal(got[1], torch.from_numpy(tables[:2, :3]))
+    assert got[3].tolist() == list(range(2000))
+    assert all(t.dtype == torch.int64 for t in got)
+    assert got[0].untyped_storage().data_ptr() == got[3].untyped_storage().data_ptr()
+    again = staging.upload([[1, 2]], torch.device("cpu"))  # the buffer is reused...
+    assert again[0].tolist() == [1, 2] and got[0].tolist() == [5, 6, 7]  # ...the last step kept
+
+
+def np_tables():
+    import numpy as np
+
+    return np.arange(24, dtype=np.int64).reshape(4, 6)
+
+
+def test_engine_with_one_upload_per_eager_step_generates_the_same(model, tokenizer):
+    """The single-copy staging GPU runners use for eager steps (prefills, mixed batches),
+    forced on the CPU: the same greedy tokens, one upload per eager step."""
+    from chatglm_serve.engine.step_inputs import StepInputs
+
+    rng = random.Random(1)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    reqs = [
+        (f"r{i}", [rng.randrange(5, 200) for _ in range(rng.randint(3, 60))], greedy)
+        for i in range(5)
+    ]
+    want = run(make_engine(model, tokenizer, max_num_batched_tokens=48), reqs, stagger=2)
+    eng = make_engine(model, tokenizer, max_num_batched_tokens=48)
+    assert eng.runner.staging is None  # on the CPU the tensors are made one by one
+    eng.runner.staging = StepInputs(pin=False)
+    got = run(eng, reqs, stagger=2)
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in want.items()}
+    assert eng.runner.staging.copies >= len(reqs)  # at least each prefill went through it

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -29,6 +30,8 @@
 
 namespace chatglm_quant {
 namespace {
+
+constexpr int kMaxDevices = 64;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -203,10 +206,18 @@ template <typename T, int BITS, int MT>
 cudaError_t gemm_typed(const GemmArgs& a, cudaStream_t stream) {
   constexpr int smem = gemm_smem_bytes<BITS>(MT);
   auto kernel = gemm_kernel<T, BITS, MT>;
-  // above 48 KB a block's dynamic shared memory must be allowed explicitly (host-side, no GPU
-  // work: fine while a graph is captured)
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // Above 48 KB a block's dynamic shared memory must be allowed explicitly, once per device:
+  // the first call (an eager one: warm-up runs precede every graph capture) does it, so no
+  // capture ever sees this call.
+  static std::atomic<bool> allowed[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (device >= kMaxDevices || !allowed[device].load(std::memory_order_acquire)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    if (device < kMaxDevices) allowed[device].store(true, std::memory_order_release);
+  }
   const dim3 grid((a.N + kGemmBN - 1) / kGemmBN, a.splits);
   kernel<<<grid, kGemmWarps * 32, smem, stream>>>(
       static_cast<const T*>(a.x), a.w, a.scale, static_cast<T*>(a.y), a.workspace, a.M, a.N, a.K,
