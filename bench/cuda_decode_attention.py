@@ -20,6 +20,7 @@ import math
 import torch
 
 from chatglm_serve.kernels import cuda_decode
+from chatglm_serve.kernels.cuda_qmm import cuda_event_timer
 from chatglm_serve.model import attention
 from chatglm_serve.model.attention import AttentionMetadata
 
@@ -52,17 +53,7 @@ def _case(batch: int, context: int, dtype: torch.dtype, hq=32, hkv=2, d=128, bs=
 
 def _time(fn, reps: int) -> float:
     """Median seconds of fn() over reps CUDA-event-timed calls (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return cuda_event_timer(fn, warmup=3, reps=reps) / 1e6
 
 
 def _row(name: str, batch: int, context: int, partitions: list[int], reps: int) -> list:

@@ -231,14 +231,19 @@ def test_failed_capture_falls_back_to_the_plain_path(model):
     assert not padded.graphs.enabled and padded.graphs.replays == 0
 
 
-def test_engine_generates_the_same_with_padded_decode_steps(model, tokenizer, attention_path):
-    rng = random.Random(0)
-    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+def requests_and_plain_run(model, tokenizer, seed: int, n: int, max_tokens: int):
+    """n greedy requests of 3-60 prompt tokens, and what the plain engine makes of them."""
+    rng = random.Random(seed)
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     reqs = [
         (f"r{i}", [rng.randrange(5, 200) for _ in range(rng.randint(3, 60))], greedy)
-        for i in range(7)
+        for i in range(n)
     ]
-    want = run(make_engine(model, tokenizer, max_num_batched_tokens=48), reqs, stagger=2)
+    return reqs, run(make_engine(model, tokenizer, max_num_batched_tokens=48), reqs, stagger=2)
+
+
+def test_engine_generates_the_same_with_padded_decode_steps(model, tokenizer, attention_path):
+    reqs, want = requests_and_plain_run(model, tokenizer, seed=0, n=7, max_tokens=12)
     eng = make_engine(model, tokenizer, max_num_batched_tokens=48)
     eng.runner = ModelRunner(
         model, eng.config, eng.kv_plan, eng.max_model_len, decode_graphs=EagerStrategy()
@@ -333,13 +338,7 @@ def test_engine_with_one_upload_per_eager_step_generates_the_same(model, tokeniz
     forced on the CPU: the same greedy tokens, one upload per eager step."""
     from chatglm_serve.engine.step_inputs import StepInputs
 
-    rng = random.Random(1)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    reqs = [
-        (f"r{i}", [rng.randrange(5, 200) for _ in range(rng.randint(3, 60))], greedy)
-        for i in range(5)
-    ]
-    want = run(make_engine(model, tokenizer, max_num_batched_tokens=48), reqs, stagger=2)
+    reqs, want = requests_and_plain_run(model, tokenizer, seed=1, n=5, max_tokens=8)
     eng = make_engine(model, tokenizer, max_num_batched_tokens=48)
     assert eng.runner.staging is None  # on the CPU the tensors are made one by one
     eng.runner.staging = StepInputs(pin=False)
