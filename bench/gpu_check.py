@@ -81,12 +81,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for all sections")
     ap.add_argument("--ckpt", default="", help="6B fp16 checkpoint dir (default: written to tmp)")
     ap.add_argument("--tokens", type=int, default=128, help="output tokens per request")
+    # a dry run of the script's plumbing on a CPU: --device cpu --shape tiny --dtype float32
+    # --int4-group 32 --streams 4 --prompts 16-32 --only decode (tests/kernels/test_gpu_check.py)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", choices=["tiny", "small", "6b"], default="6b", help="decode only")
+    ap.add_argument("--dtype", default="float16", help="decode only")
+    ap.add_argument("--int4-group", type=int, default=128, help="decode only")
+    ap.add_argument("--streams", type=int, default=64, help="decode: concurrent requests")
+    ap.add_argument("--prompts", default="128-512", help="decode: TTFT prompt lengths, LO-HI")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         ap.error(f"unknown sections {bad}; choose from {', '.join(SECTIONS)}")
     args.only = only
+    lo, _, hi = args.prompts.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi)):
+        ap.error(f"--prompts must be LO-HI, got {args.prompts!r}")
+    args.prompts = (int(lo), int(hi))
     return args
 
 
@@ -230,9 +242,10 @@ class Check:
         from chatglm_serve.model.quantize import QuantSpec, quantize_model
         from chatglm_serve.model.tokenizer import ChatGLMTokenizer
 
+        a = self.args
         tok = ChatGLMTokenizer.from_bytes(train_demo_tokenizer_bytes())
-        cfg = shape_config("6b", tok.vocab_size)
-        model = ChatGLMForCausalLM.random(cfg, dtype="float16", device="cuda", seed=0, std=0.02)
+        cfg = shape_config(a.shape, tok.vocab_size)
+        model = ChatGLMForCausalLM.random(cfg, dtype=a.dtype, device=a.device, seed=0, std=0.02)
         rng = random.Random(0)
 
         def prompt(n: int) -> list[int]:
@@ -244,17 +257,19 @@ class Check:
                        if "embedding" not in name and "rotary" not in name)  # fmt: skip
 
         params = SamplingParams(temperature=0.0, max_tokens=self.args.tokens, ignore_eos=True)
-        config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=1024)
+        config = EngineConfig(
+            max_num_seqs=a.streams, max_num_batched_tokens=2048, max_model_len=a.prompts[1] + 512
+        )
 
         def bs1(engine: LLMEngine) -> float:
             serve(engine, [prompt(16)], dataclasses.replace(params, max_tokens=8))  # warm-up
             t = serve(engine, [prompt(16)], params)
-            return len(t.itl) / sum(t.itl)  # decode tok/s: the first token (prefill) excluded
+            return 1 / pct(t.itl, 50)  # decode tok/s: median step, the prefill excluded
 
+        wb = weight_bytes(model)  # before the engine (on a CPU it repacks the linears)
         engine = LLMEngine(model, tok, config)
         fp16 = bs1(engine)
         self.fp16_bs1 = fp16
-        wb = weight_bytes(model)
         share = fp16 * wb / 1e9 / self.bw if self.bw else float("nan")
         self.figs["bs1_fp16"] = Figure(
             "bs1 decode fp16, engine, CUDA graphs",
@@ -263,30 +278,33 @@ class Check:
             "≥ 300 tok/s (≥ 85%)",
             bool(fp16 >= 300 and share >= 0.85),
         )
-        t64 = serve(engine, [prompt(16) for _ in range(64)], params)
+        t64 = serve(engine, [prompt(16) for _ in range(a.streams)], params)
         step = pct(t64.itl, 50)
         self.engine_step_ms = step * 1e3
-        self.note(f"engine-only, 64 streams: decode step p50 {step * 1e3:.2f} ms = "
-                  f"{64 / step:.0f} tok/s")  # fmt: skip
+        self.note(f"engine-only, {a.streams} streams: decode step p50 {step * 1e3:.2f} ms = "
+                  f"{a.streams / step:.0f} tok/s")  # fmt: skip
         engine.block_manager.reset_prefix_cache()
-        long = [prompt(rng.randint(128, 512)) for _ in range(64)]
+        long = [prompt(rng.randint(*a.prompts)) for _ in range(a.streams)]
         tt = serve(engine, long, dataclasses.replace(params, max_tokens=16))
         ttft = pct(tt.ttft, 50)
         self.figs["ttft"] = Figure(
-            "64 concurrent requests, prompts 128–512 tokens: TTFT p50 (engine)",
+            f"{a.streams} concurrent requests, prompts {a.prompts[0]}–{a.prompts[1]} tokens: "
+            "TTFT p50 (engine)",
             f"{ttft * 1e3:.0f} ms (p99 {pct(tt.ttft, 99) * 1e3:.0f} ms)",
             "≤ 400 ms",
             bool(ttft <= 0.4),
         )
-        engine = None
+        engine = model = None
         torch.cuda.empty_cache()
-        quantize_model(model, QuantSpec(4, 128))
+        # a fresh model of the same weights, quantized before an engine touches it
+        model = ChatGLMForCausalLM.random(cfg, dtype=a.dtype, device=a.device, seed=0, std=0.02)
+        quantize_model(model, QuantSpec(4, a.int4_group))
         torch.cuda.empty_cache()
+        wb4 = weight_bytes(model)
         engine = LLMEngine(model, tok, config)
         int4 = bs1(engine)
-        wb4 = weight_bytes(model)
         self.figs["bs1_int4"] = Figure(
-            "bs1 decode int4 (groups of 128)",
+            f"bs1 decode int4 (groups of {a.int4_group})",
             f"{int4:.0f} tok/s = {int4 / fp16:.2f}x fp16; weights read at "
             f"{int4 * wb4 / 1e9:.0f} GB/s",
             "≥ 2.5x our fp16 bs1",
@@ -442,10 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
         return 2
-    gpu = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"  # noqa: E501
+    if args.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name} ({props.multi_processor_count} SMs)"
+    else:
+        gpu = f"{args.device} (dry run, shape {args.shape})"
+    gpu += f", torch {torch.__version__}, CUDA {torch.version.cuda}"
     check = Check(args)
     if "http" in args.only or "hf" in args.only:
         check.start_checkpoint()

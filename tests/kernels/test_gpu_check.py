@@ -119,3 +119,19 @@ def test_without_a_gpu_it_says_so(gc, capsys):
         pytest.skip("a GPU is present")
     assert gc.main(["--only", "bandwidth"]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_decode_section_dry_run_on_the_cpu(gc, capsys):
+    """The decode section's plumbing (engine, batch-1 fp and int4 decode, the many-stream step,
+    TTFT, the report) on a tiny model on the CPU: every row it owns is filled in."""
+    argv = ["--only", "decode", "--device", "cpu", "--shape", "tiny", "--dtype", "float32",
+            "--int4-group", "32", "--streams", "3", "--prompts", "16-24", "--tokens", "6"]  # fmt: skip
+    assert gc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "## GPU check: cpu (dry run, shape tiny)" in out
+    for row in ("| bs1 decode fp16, engine, CUDA graphs | ", "| bs1 decode int4 (groups of 32) | ",
+                "| 3 concurrent requests, prompts 16–24 tokens: TTFT p50 (engine) | "):  # fmt: skip
+        line = next(x for x in out.splitlines() if x.startswith(row))
+        assert "not measured" not in line, line
+    assert "engine-only, 3 streams: decode step p50" in out
+    assert "| not measured: section not selected (--only) |" in out  # e.g. the kernels rows
