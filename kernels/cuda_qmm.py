@@ -185,6 +185,8 @@ def table_for(words: Tensor, scale: Tensor, bits: int, group_size: int, dtype: t
 def quant_matmul(x: Tensor, words: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:
     """x [rows, K] fp16/bf16 on the weight's GPU @ dequant(W)^T -> [rows, N] in x's dtype."""
     rows, k = x.shape
+    if x.data_ptr() % 16:
+        x = x.clone()  # the kernels load 16 bytes at a time (a view at an odd offset)
     if rows <= GEMV_MAX_ROWS:
         method = "gemv"  # small decode batches: no table lookup on the hottest path
     else:

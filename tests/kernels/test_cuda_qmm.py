@@ -137,3 +137,11 @@ def test_gpu_every_path_matches_the_reference(dtype, bits, group):
                 assert y.dtype == dtype and y.shape == (rows, n)
                 rel = ((y.float() - ref).norm() / ref.norm()).item()
                 assert rel < 5e-3, (k, n, rows, name, rel)
+
+
+def test_misaligned_rows_are_copied_before_the_kernels(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cuda_qmm, "run_method", lambda m, x, *a: seen.append(x.data_ptr() % 16))
+    x = torch.zeros(4 * 512 + 1, dtype=torch.float16)[1:].view(4, 512)  # 2 bytes off
+    cuda_qmm.quant_matmul(x, torch.zeros(16, 64, dtype=torch.int32), torch.ones(16, 4), 4, 128)
+    assert seen == [0]
