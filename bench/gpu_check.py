@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("bandwidth", "kernels", "attention", "decode", "http", "hf")
 # rough seconds a section needs on an H200 (what --budget is checked against before it starts)
-SECTION_COST = {"bandwidth": 5, "kernels": 40, "attention": 15, "decode": 120, "http": 200,
-                "hf": 90}  # fmt: skip
+SECTION_COST = {"bandwidth": 5, "kernels": 40, "attention": 15, "decode": 60, "http": 120,
+                "hf": 60}  # fmt: skip
 # (name, K, N) of the 6B layer's linears
 LINEARS_6B = [("qkv", 4096, 4608), ("dense", 4096, 4096), ("h_to_4h", 4096, 27392),
               ("4h_to_h", 13696, 4096)]  # fmt: skip
