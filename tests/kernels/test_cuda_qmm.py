@@ -145,3 +145,16 @@ def test_misaligned_rows_are_copied_before_the_kernels(monkeypatch):
     x = torch.zeros(4 * 512 + 1, dtype=torch.float16)[1:].view(4, 512)  # 2 bytes off
     cuda_qmm.quant_matmul(x, torch.zeros(16, 64, dtype=torch.int32), torch.ones(16, 4), 4, 128)
     assert seen == [0]
+
+
+def test_no_measurement_inside_a_graph_capture(monkeypatch):
+    """A capture cannot time anything: the default table, not cached, so the next eager call
+    measures."""
+    monkeypatch.setattr(cuda_qmm, "_tables", {})
+    monkeypatch.delenv("CHATGLM_CUDA_QMM", raising=False)
+    monkeypatch.setattr(cuda_qmm, "_measure", lambda *a: pytest.fail("measured in a capture"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    words, scale = torch.zeros(16, 64, dtype=torch.int32), torch.ones(16, 4)
+    assert cuda_qmm.table_for(words, scale, 4, 128, torch.float16) is cuda_qmm.DEFAULT_TABLE
+    assert cuda_qmm.crossover_tables() == {}
