@@ -53,6 +53,9 @@ class AsyncEngine:
         self.engine = engine
         self.config = engine.config
         self.tokenizer = engine.tokenizer
+        self.chat_format = engine.chat_format  # model/chat_format.py: prompt ids, stop ids
+        # the family member detected at load (model/family.py), for /v1/models
+        self.model_member: str | None = getattr(engine.tokenizer, "member", None)
         self.max_model_len = engine.max_model_len
         self.kv_capacity_tokens = engine.kv_capacity_tokens
         self.num_kv_blocks = engine.kv_plan.num_blocks

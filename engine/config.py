@@ -84,6 +84,8 @@ class EngineArgs:
     device_map: dict[str, str] | None = None
     tensor_parallel_size: int = 1  # every layer split over N processes (devices: one per rank)
     quantize: int | None = None  # 4 or 8: weight-only quantization while loading
+    # the chat format ("chatglm2", "chatglm3", "glm4"); None = detected from the checkpoint
+    chat_template: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:

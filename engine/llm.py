@@ -203,7 +203,7 @@ class ChatGLM:
             self._chat_deltas(query, history, max_length, top_p, temperature, do_sample, sampling)
         )
         response = process_response(raw)
-        return response, [*(history or []), (query, response)]
+        return response, self._with_turn(history, query, response)
 
     def stream_chat(
         self,
@@ -224,7 +224,28 @@ class ChatGLM:
         ):
             raw += delta
             response = process_response(raw)
-            yield response, [*history, (query, response)]
+            yield response, self._with_turn(history, query, response)
+
+    def _with_turn(self, history: Sequence[Any] | None, query: str, response: str) -> list[Any]:
+        """The history after this turn, in the seed's form for the model: ChatGLM2's (query,
+        response) pairs; ChatGLM3's and GLM-4's {role, content} dicts (their `chat()` returns
+        those; pairs given in are converted)."""
+        if self._engine().chat_format.name == "chatglm2":
+            return [*(history or []), (query, response)]
+        turns: list[Any] = []
+        for item in history or []:
+            if isinstance(item, dict):
+                turns.append(item)
+            else:
+                turns += [
+                    {"role": "user", "content": item[0]},
+                    {"role": "assistant", "metadata": "", "content": item[1]},
+                ]
+        return [
+            *turns,
+            {"role": "user", "content": query},
+            {"role": "assistant", "metadata": "", "content": response},
+        ]
 
     def _chat_deltas(
         self,

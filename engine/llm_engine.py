@@ -38,6 +38,7 @@ from chatglm_serve.engine.types import (
     TokenLogprob,
 )
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
+from chatglm_serve.model.family import chat_format_of
 from chatglm_serve.model.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ class LLMEngine:
         self.logits_device = model.transformer.output_layer.weight.device
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = model.config.eos_token_id if eos is None else eos
+        # the chat format's reply ends: ChatGLM3 / GLM-4 also stop at <|user|> and <|observation|>
+        self.chat_format = chat_format_of(tokenizer)
+        self.eos_token_ids = frozenset(
+            getattr(self.chat_format, "stop_token_ids", None) or [self.eos_token_id]
+        )
         self._new_detokenizer = detokenizer_factory or _default_detokenizer_factory(tokenizer)
         # finished replies' ids by text, for encode_chat (pointless without the prefix cache)
         self.reply_tokens = ReplyTokenMap(
@@ -130,7 +136,7 @@ class LLMEngine:
     ) -> list[int]:
         """A chat prompt's ids, with the history's replies this engine generated spliced in as
         their generated ids, so the turn reuses their K/V from the prefix cache (thread-safe)."""
-        return self.tokenizer.encode_chat(query, history, reply_ids=self.reply_tokens.lookup)
+        return self.chat_format.encode_chat(query, history, reply_ids=self.reply_tokens.lookup)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a request without changing any state; returns normalised params."""
@@ -276,7 +282,7 @@ class LLMEngine:
         p = seq.params
         ban: list[int] = []
         if seq.num_output_tokens < p.min_tokens:
-            ban = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
+            ban = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
         return SamplingRow(p, seq.token_ids, seq.prompt_len, seq.generator, ban)
 
     def _text_of(self, token_id: int) -> str:
@@ -305,7 +311,7 @@ class LLMEngine:
         n_out = seq.num_output_tokens
         stops = p.stop if n_out > p.min_tokens else []
         is_stop_token = n_out > p.min_tokens and (
-            token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos)
+            token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)
         )
         if is_stop_token:
             seq.ended_by_stop_token = True

@@ -58,4 +58,9 @@ def load_model(args: EngineArgs) -> tuple[Any, Any]:
 def build_engine(args: EngineArgs) -> LLMEngine:
     """A ready engine for `args` (blocking: minutes for a real checkpoint)."""
     model, tokenizer = load_model(args)
+    if args.chat_template:
+        from chatglm_serve.model.chat_format import make_chat_format
+
+        tokenizer.chat_format = make_chat_format(args.chat_template, tokenizer)
+        log.info("chat template: %s (set by --chat-template)", args.chat_template)
     return LLMEngine(model, tokenizer, args.engine)

@@ -410,7 +410,7 @@ def start_tensor_parallel(
     )
     tokenizer = None
     if spec.tokenizer:
-        from chatglm_serve.model.tokenizer import ChatGLMTokenizer
+        from chatglm_serve.model.family import detect_family, load_tokenizer
 
-        tokenizer = ChatGLMTokenizer(str(Path(path) / "tokenizer.model"))
+        tokenizer = load_tokenizer(detect_family(path))
     return TPLeaderModel(model, d, procs), tokenizer

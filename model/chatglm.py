@@ -149,9 +149,7 @@ class ChatGLMModel(nn.Module):
     def __init__(self, cfg: ChatGLMConfig) -> None:
         super().__init__()
         self.embedding = Embedding(cfg)
-        self.rotary_pos_emb = RotaryEmbedding(
-            cfg.rotary_dim, cfg.seq_length, base=10000.0 * cfg.rope_ratio
-        )
+        self.rotary_pos_emb = RotaryEmbedding(cfg.rotary_dim, cfg.seq_length, base=cfg.rope_base)
         self.encoder = Encoder(cfg)
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
 

@@ -65,7 +65,12 @@ def save_checkpoint(
         state = dict(model_or_state.state_dict())
     else:
         state = dict(model_or_state)
-    if ROTARY_KEY not in state:  # the seed's checkpoints carry it (fp16); keep the file faithful
+    if cfg.checkpoint_layout == "hf":  # glm-4-9b-chat-hf: transformers' Glm names, no rotary key
+        from chatglm_serve.model.hf_glm import to_glm_state_dict
+
+        state = to_glm_state_dict({k: v for k, v in state.items() if k != ROTARY_KEY}, cfg)
+    elif ROTARY_KEY not in state:
+        # THUDM's files carry it at base 10000 (rope_ratio is applied at run time); keep them faithful
         dim = cfg.rotary_dim
         inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         state[ROTARY_KEY] = inv

@@ -1,4 +1,10 @@
-"""ChatGLM2 configuration, read from a Hugging Face `chatglm2-6b` style config.json."""
+"""ChatGLM configuration, read from a Hugging Face config.json.
+
+One network serves the family: `chatglm2-6b`, `chatglm3-6b(-32k, -base)` and `glm-4-9b-chat(-1m)`
+publish it as `model_type: chatglm` (`ChatGLMForConditionalGeneration` keys); `glm-4-9b-chat-hf`
+publishes it as transformers' `model_type: glm` (`GlmForCausalLM` keys), read through
+model/hf_layout.py into the same fields.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +62,8 @@ class ChatGLMConfig:
     quantization_bit: int = 0
     rope_ratio: float = 1.0
     model_type: str = "chatglm"
+    # "chatglm" (THUDM's keys) or "hf" (transformers' GlmForCausalLM keys, model/hf_layout.py)
+    checkpoint_layout: str = "chatglm"
     # Keys present in config.json that we keep but do not interpret.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -74,6 +82,19 @@ class ChatGLMConfig:
         return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a reply: GLM-4's config lists three (eos, <|user|>, <|observation|>)."""
+        listed = self.extra.get("eos_token_id")
+        if isinstance(listed, list) and listed:
+            return [int(i) for i in listed]
+        return [self.eos_token_id]
+
+    @property
+    def rope_base(self) -> float:
+        """ChatGLM3-32k (rope_ratio 50) and GLM-4 (500, 1m: 10000) stretch the rotary base."""
+        return 10000.0 * self.rope_ratio
+
+    @property
     def rotary_dim(self) -> int:
         # ChatGLM2 rotates the first half of each head's channels.
         return self.head_dim // 2
@@ -82,6 +103,8 @@ class ChatGLMConfig:
         def refuse(name: str, why: str) -> None:
             raise ConfigError(f"config field {name!r}: {why}")
 
+        if self.checkpoint_layout not in ("chatglm", "hf"):
+            refuse("checkpoint_layout", f"{self.checkpoint_layout!r} is not 'chatglm' or 'hf'")
         if self.model_type != "chatglm":
             refuse("model_type", f"{self.model_type!r} is not served; expected 'chatglm'")
         if not self.rmsnorm:
@@ -108,9 +131,21 @@ class ChatGLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ChatGLMConfig:
+        if data.get("model_type") == "glm":  # glm-4-9b-chat-hf: transformers' field names
+            from chatglm_serve.model.hf_layout import chatglm_fields
+
+            data = chatglm_fields(data)
+        data = dict(data)
+        eos = data.get("eos_token_id")
+        if isinstance(eos, list):  # GLM-4: several; the first is eos, the list stays in extra
+            if not eos or not all(isinstance(i, int) for i in eos):
+                raise ConfigError("config field 'eos_token_id': expected an int or a list of ints")
+            data["eos_token_id"] = eos[0]
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}
         extra = {k: v for k, v in data.items() if k not in known}
+        if isinstance(eos, list):
+            extra["eos_token_id"] = list(eos)
         if "model_type" not in data:
             raise ConfigError("config field 'model_type': missing; expected 'chatglm'")
         cfg = cls(**kwargs, extra=extra)
@@ -132,7 +167,12 @@ class ChatGLMConfig:
 
     def to_dict(self) -> dict:
         """The HF config.json form (what the seed's checkpoints carry)."""
+        if self.checkpoint_layout == "hf":
+            from chatglm_serve.model.hf_layout import hf_config_dict
+
+            return hf_config_dict(self)
         d = asdict(self)
+        d.pop("checkpoint_layout")
         extra = d.pop("extra")
         d.update(
             {

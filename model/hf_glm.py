@@ -34,7 +34,7 @@ def glm_config(cfg: ChatGLMConfig, dtype: torch.dtype = torch.float32):
         eos_token_id=cfg.eos_token_id,
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": 10000.0 * cfg.rope_ratio,
+            "rope_theta": cfg.rope_base,
             "partial_rotary_factor": 0.5,
         },
         dtype=dtype,

@@ -23,7 +23,7 @@ from chatglm_serve.model.config import ChatGLMConfig, parse_dtype
 log = logging.getLogger(__name__)
 
 # Present in the seed's files but recomputed by us (fp32 is more exact than the stored copy).
-_IGNORED_KEYS = {"transformer.rotary_pos_emb.inv_freq"}
+_IGNORED_KEYS = {"transformer.rotary_pos_emb.inv_freq", "model.rotary_emb.inv_freq"}
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
@@ -111,6 +111,24 @@ def _progress(files: list[Path]) -> Iterator[Path]:
         yield from files
 
 
+def _shards(files: list[Path], cfg: ChatGLMConfig) -> Iterator[tuple[Path, Iterator]]:
+    """(file, its (our key, tensor) pairs) per shard; a `-hf` layout is renamed on the way
+    (its q/k/v are fused once all three have been read, whichever shards hold them)."""
+    if cfg.checkpoint_layout != "hf":
+        for file in _progress(files):
+            yield file, _read_shard(file)
+        return
+    from chatglm_serve.model.hf_layout import from_hf_keys, missing_parts
+
+    pending: dict = {}
+    for file in _progress(files):
+        yield file, from_hf_keys(_read_shard(file), pending)
+    if pending:
+        raise CheckpointError(
+            f"checkpoint is missing tensor(s): {', '.join(missing_parts(pending))}"
+        )
+
+
 def load_checkpoint(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -158,8 +176,8 @@ def load_checkpoint(
 
     expected = dict(model.state_dict(keep_vars=True))
     loaded: set[str] = set()
-    for file in _progress(files):
-        for key, tensor in _read_shard(file):
+    for file, items in _shards(files, cfg):
+        for key, tensor in items:
             if key in _IGNORED_KEYS:
                 continue
             if key not in expected:
@@ -201,6 +219,15 @@ def load_checkpoint(
     rot = model.transformer.rotary_pos_emb
     rot_device = place("transformer.encoder.layers.0.input_layernorm.weight")
     rot._buffers["inv_freq"] = rot._inv_freq(rot_device)
+    log.info(
+        "loaded %s: %d layers, vocab %d, context %d, rope_ratio %g (%s keys)",
+        path.name,
+        cfg.num_layers,
+        cfg.padded_vocab_size,
+        cfg.seq_length,
+        cfg.rope_ratio,
+        cfg.checkpoint_layout,
+    )
     return model.eval()
 
 
@@ -212,9 +239,13 @@ def load_model_and_tokenizer(
     group_size: int | None = None,
     device_for: DeviceFor | None = None,
     tensor_parallel=None,
+    chat_template: str | None = None,
 ):
-    """(model, tokenizer) from a checkpoint dir; path None = the embedded demo model."""
-    from chatglm_serve.model.tokenizer import ChatGLMTokenizer
+    """(model, tokenizer) from a checkpoint dir; path None = the embedded demo model.
+
+    The family member (ChatGLM2 / ChatGLM3 / GLM-4) is detected from the files (model/family.py)
+    and logged; the tokenizer carries its chat format, `chat_template` overriding it."""
+    from chatglm_serve.model.family import detect_family, load_tokenizer
 
     if path is None:
         from chatglm_serve.model.demo import demo_checkpoint_dir
@@ -226,9 +257,14 @@ def load_model_and_tokenizer(
             path,
         )
     path = Path(path)
-    tok_file = path / "tokenizer.model"
-    if not tok_file.is_file():
-        raise CheckpointError(f"missing tokenizer file: {tok_file}")
+    try:
+        family = detect_family(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    log.info("model family: %s", family.describe())
+    tokenizer = load_tokenizer(family, chat_template)
+    if chat_template and chat_template != family.family:
+        log.warning("chat template %r overrides the detected %r", chat_template, family.family)
     model = load_checkpoint(
         path,
         dtype=dtype,
@@ -238,4 +274,4 @@ def load_model_and_tokenizer(
         device_for=device_for,
         tensor_parallel=tensor_parallel,
     )
-    return model, ChatGLMTokenizer(str(tok_file))
+    return model, tokenizer

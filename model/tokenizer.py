@@ -51,6 +51,10 @@ def build_chat_prompt(query: str, history: Sequence[tuple[str, str]] | None = No
 class ChatGLMTokenizer:
     """Encode/decode for ChatGLM2 on top of a `tokenizer.model` SentencePiece file."""
 
+    # the names appended after the SentencePiece vocabulary, in id order
+    special_token_names: tuple[str, ...] = SPECIAL_TOKENS
+    family = "chatglm2"
+
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         if not path.is_file():
@@ -85,14 +89,14 @@ class ChatGLMTokenizer:
         if min(self.bos_token_id, self.eos_token_id, self.pad_token_id) < 0:
             raise ValueError(f"{source}: the SentencePiece model lacks <unk>, <s> or </s>")
         self.special_tokens: dict[str, int] = {
-            name: self.sp_vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)
+            name: self.sp_vocab_size + i for i, name in enumerate(self.special_token_names)
         }
         self.mask_token_id = self.special_tokens["[MASK]"]
         self.gmask_token_id = self.special_tokens["[gMASK]"]
         self.smask_token_id = self.special_tokens["[sMASK]"]
         self.sop_token_id = self.special_tokens["sop"]
         self.eop_token_id = self.special_tokens["eop"]
-        self.vocab_size: int = self.sp_vocab_size + len(SPECIAL_TOKENS)
+        self.vocab_size: int = self.sp_vocab_size + len(self.special_token_names)
         # Ids without text of their own: skipped by decode(skip_special_tokens=True).
         self._special_ids = frozenset(
             [i for i in range(self.sp_vocab_size) if sp.is_control(i)]
@@ -152,6 +156,10 @@ class ChatGLMTokenizer:
         ids = self._sp.encode(text)
         return self.prefix_token_ids + ids if add_special_tokens else ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """One SentencePiece call on text alone (a chat turn's piece): its own dummy prefix."""
+        return self._sp.encode(text) if text else []
+
     def build_chat_prompt(
         self, query: str, history: Sequence[tuple[str, str]] | None = None
     ) -> str:
@@ -179,7 +187,7 @@ class ChatGLMTokenizer:
         history: Sequence[tuple[str, str]] | None = None,
         reply_ids: Callable[[str], Sequence[int] | None] | None = None,
     ) -> list[int]:
-        """The chat prompt's ids: `[gMASK] sop` + the whole prompt in ONE SentencePiece call.
+        """ChatGLM2's chat prompt's ids: `[gMASK] sop` + the whole prompt in ONE SentencePiece call.
 
         Encoding the turns separately would add a dummy-prefix piece per turn and change the
         ids, so by default this is exactly ChatGLM2's encoding. With `reply_ids`, a lookup
@@ -260,7 +268,7 @@ class ChatGLMTokenizer:
         if 0 <= token_id < self.sp_vocab_size:
             return self._sp.id_to_piece(token_id)
         if self.sp_vocab_size <= token_id < self.vocab_size:
-            return SPECIAL_TOKENS[token_id - self.sp_vocab_size]
+            return self.special_token_names[token_id - self.sp_vocab_size]
         raise IndexError(f"token id {token_id} outside the vocabulary [0, {self.vocab_size})")
 
     def piece_to_id(self, piece: str) -> int:

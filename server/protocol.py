@@ -35,11 +35,26 @@ class TextPart(BaseModel):
         return _encodable(v)
 
 
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(BaseModel):
+    """An earlier assistant turn's tool call, sent back by the client."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
-    # "developer" is OpenAI's newer name for a system message.
-    role: Literal["system", "developer", "user", "assistant"]
+    # "developer" is OpenAI's newer name for a system message; "tool" carries a tool's result.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -64,6 +79,27 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionSpec(BaseModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -97,6 +133,9 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # tool calls (ChatGLM3, GLM-4): server/chat_turns.py and server/tools.py
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -244,6 +283,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "chatglm-serve"
+    # the checkpoint's family member and chat format, as detected at load (vLLM puts the
+    # model path in `root`); None while the engine is still loading
+    root: str | None = None
+    chat_template: str | None = None
 
 
 class ModelList(BaseModel):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,6 +21,7 @@ from chatglm_serve.engine.types import (
     TokenLogprob,
 )
 from chatglm_serve.server.auth import ApiKeyAuth
+from chatglm_serve.server.chat_turns import check_tools_supported, role_prompt
 from chatglm_serve.server.errors import APIError, from_engine_error
 from chatglm_serve.server.generation import ClientDisconnected, EngineStream, until_disconnect
 from chatglm_serve.server.metrics import Metrics
@@ -35,6 +37,7 @@ from chatglm_serve.server.protocol import (
     now,
 )
 from chatglm_serve.server.state import ServerState
+from chatglm_serve.server.tools import PassThrough, ReplyParser, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +144,20 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
             )
         return settings.served_model_name
 
+    def card(name: str) -> ModelCard:
+        engine = state.engine
+        if engine is None:
+            return ModelCard(id=name, created=state.started)
+        return ModelCard(
+            id=name,
+            created=state.started,
+            root=getattr(engine, "model_member", None),
+            chat_template=engine.chat_format.name,
+        )
+
     @router.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=n, created=state.started) for n in settings.model_names()]
-        )
+        return ModelList(data=[card(n) for n in settings.model_names()])
 
     @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str) -> ModelCard:
@@ -156,7 +168,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
                 code="model_not_found",
                 param="model",
             )
-        return ModelCard(id=model_id, created=state.started)
+        return card(model_id)
 
     @router.post(
         "/v1/chat/completions",
@@ -166,8 +178,16 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = state.ready_engine()
         model = answer_name(body.model)
-        query, history = messages_to_chat(body.messages)
-        prompt_ids = engine.encode_chat(query, history)
+        fmt = engine.chat_format
+        if not fmt.supports_tools:  # ChatGLM2: the seed's (query, history) prompt
+            check_tools_supported(body, fmt.name)
+            query, history = messages_to_chat(body.messages)
+            prompt_ids = engine.encode_chat(query, history)
+            parser: Callable[[], Any] = PassThrough
+        else:  # ChatGLM3 / GLM-4: role turns, tools, the reply's metadata line parsed
+            rp = role_prompt(body, fmt)
+            prompt_ids = fmt.encode_turns(rp.turns, rp.reply_prefix)
+            parser = partial(ReplyParser, fmt.name, rp.tools, rp.forced)
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
         params = sampling_params(body, len(prompt_ids))
         cid = completion_id()
@@ -193,7 +213,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
                 raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse_events(
-                stream, cid, model, len(prompt_ids), params.n, include_usage, timing
+                stream, cid, model, len(prompt_ids), params.n, include_usage, timing, parser
             )
             return EventSourceResponse(
                 events,
@@ -203,7 +223,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
             )
         try:
             completion = await until_disconnect(
-                request, _complete(stream, cid, model, len(prompt_ids), params.n, timing)
+                request, _complete(stream, cid, model, len(prompt_ids), params.n, timing, parser)
             )
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
@@ -229,21 +249,33 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
 
 
 async def _complete(
-    stream: EngineStream, cid: str, model: str, prompt_tokens: int, n: int, timing: _Timing
+    stream: EngineStream,
+    cid: str,
+    model: str,
+    prompt_tokens: int,
+    n: int,
+    timing: _Timing,
+    parser: Callable[[], Any] = PassThrough,
 ) -> dict[str, Any]:
     texts: list[list[str]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     completion_tokens = [0] * n
     logprobs: list[list[dict[str, Any]] | None] = [None] * n
+    parsers = [parser() for _ in range(n)]
+    calls: list[ToolCall | None] = [None] * n
     try:
         async for out in stream.outputs():
             timing.tokens(len(out.token_ids))
-            texts[out.index].append(out.text)
+            texts[out.index].append(parsers[out.index].feed(out.text))
             completion_tokens[out.index] = out.completion_tokens
             if out.logprobs is not None:
                 logprobs[out.index] = (logprobs[out.index] or []) + logprobs_json(out.logprobs)
             if out.finished:
                 finish[out.index] = _finish_reason(out)
+                tail, calls[out.index] = parsers[out.index].finish()
+                texts[out.index].append(tail)
+                if calls[out.index] is not None:
+                    finish[out.index] = "tool_calls"
     finally:
         await stream.close()
         timing.done()
@@ -256,7 +288,7 @@ async def _complete(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "message": _message("".join(texts[i]), calls[i]),
                 "finish_reason": finish[i],
                 "logprobs": None if logprobs[i] is None else {"content": logprobs[i]},
             }
@@ -268,6 +300,22 @@ async def _complete(
             "total_tokens": prompt_tokens + total,
         },
     }
+
+
+def _message(content: str, call: ToolCall | None) -> dict[str, Any]:
+    if call is None:
+        return {"role": "assistant", "content": content}
+    return {"role": "assistant", "content": content or None, "tool_calls": [call.json()]}
+
+
+def _tool_call_deltas(call: ToolCall) -> list[dict[str, Any]]:
+    """OpenAI's streamed tool call: id + name first, then the arguments piece by piece."""
+    head = {"index": 0, "id": call.id, "type": "function"}
+    deltas = [{"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]}]
+    deltas += [
+        {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in call.pieces
+    ]
+    return deltas
 
 
 def _finish_reason(out: RequestOutput) -> str | None:
@@ -286,6 +334,7 @@ async def _sse_events(
     n: int,
     include_usage: bool,
     timing: _Timing,
+    parser: Callable[[], Any] = PassThrough,
 ) -> AsyncIterator[str]:
     created = now()
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
@@ -304,6 +353,7 @@ async def _sse_events(
         )
 
     completion_tokens = [0] * n
+    parsers = [parser() for _ in range(n)]
     error: dict[str, Any] | None = None
     try:
         # The role first: the stream is open (headers sent) even while the request still queues.
@@ -313,10 +363,17 @@ async def _sse_events(
             timing.tokens(len(out.token_ids))
             completion_tokens[out.index] = out.completion_tokens
             lp = {"content": logprobs_json(out.logprobs)} if out.logprobs else None
-            if out.text or lp is not None:
-                yield chunk(out.index, {"content": out.text}, lp=lp)
+            text = parsers[out.index].feed(out.text)
+            if text or lp is not None:
+                yield chunk(out.index, {"content": text}, lp=lp)
             if out.finished:
-                yield chunk(out.index, {}, _finish_reason(out))
+                tail, call = parsers[out.index].finish()
+                if tail:
+                    yield chunk(out.index, {"content": tail})
+                if call is not None:
+                    for delta in _tool_call_deltas(call):
+                        yield chunk(out.index, delta)
+                yield chunk(out.index, {}, "tool_calls" if call else _finish_reason(out))
     except EngineError as e:
         error = from_engine_error(e).body()
     except Exception:

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     quantize: Literal[4, 8] | None = Field(
         None, description="Quantize the linears to int4/int8 while loading (unset = none)."
     )
+    chat_template: Literal["chatglm2", "chatglm3", "glm4"] | None = Field(
+        None,
+        description="Chat format; unset = detected from the checkpoint (config, tokenizer "
+        "file, special tokens).",
+    )
 
     # --- the HTTP side
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
@@ -316,6 +321,7 @@ def engine_args(settings: Settings) -> EngineArgs:
         device_map=settings.device_map,
         tensor_parallel_size=settings.tensor_parallel_size,
         quantize=settings.quantize,
+        chat_template=settings.chat_template,
         engine=engine_config(settings),
     )
 
