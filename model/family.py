@@ -14,8 +14,8 @@ The result is logged at load; `--chat-template NAME` overrides the chat format i
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
