@@ -42,6 +42,14 @@ def load_engine(settings: Settings) -> AsyncEngine:
     return AsyncEngine.from_args(engine_args(settings))
 
 
+def adopt_model_name(settings: Settings, engine: AsyncEngine) -> None:
+    """Answer as the checkpoint's detected family member (glm-4-9b-chat, chatglm3-6b-32k...)
+    unless a served name was set explicitly (--served-model-name)."""
+    member = getattr(engine, "model_member", None)
+    if member and "served_model_name" not in settings.model_fields_set:
+        settings.served_model_name = member
+
+
 def describe(engine: AsyncEngine, settings: Settings, seconds: float) -> str:
     """The start-up line: what was loaded, where, how big, and the KV capacity."""
     parts = [
@@ -71,6 +79,8 @@ def create_app(
     answers 503 until the model is in. `on_fatal` is told if the load fails (the CLI exits).
     """
     settings = settings or load_settings()
+    if engine is not None:
+        adopt_model_name(settings, engine)
     state = ServerState(settings=settings, engine=engine)
     metrics = Metrics(lambda: state.engine.stats() if state.engine is not None else None)
     auth = ApiKeyAuth(settings.api_key_values())
@@ -86,6 +96,7 @@ def create_app(
                 on_fatal(e)
             return
         loaded.start()
+        adopt_model_name(settings, loaded)
         state.engine, state.owns_engine = loaded, True
         log.info("ready: %s", describe(loaded, settings, time.perf_counter() - start))
 

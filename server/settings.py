@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         "embedded tiny demo model (random weights, for trying the daemon out).",
     )
     served_model_name: str = Field(
-        "chatglm2-6b", description="Model name answered in responses and listed by /v1/models."
+        "chatglm2-6b",
+        description="Model name answered in responses and listed by /v1/models; unset = the "
+        "checkpoint's detected family member (chatglm2-6b, chatglm3-6b, glm-4-9b-chat, ...).",
     )
     model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -286,9 +288,11 @@ def load_settings(
             )
 
     layered = _Layered(**dict(overrides or {}))
-    # A plain Settings (no layered subclass in reprs) holding the validated values.
+    # A plain Settings (no layered subclass in reprs) holding the validated values; which were
+    # given (flag, env, YAML) stays known (an unset served_model_name follows the checkpoint).
     return Settings.model_construct(
-        **{name: getattr(layered, name) for name in Settings.model_fields}
+        _fields_set=set(layered.model_fields_set),
+        **{name: getattr(layered, name) for name in Settings.model_fields},
     )
 
 
