@@ -93,8 +93,8 @@ class LLMEngine:
         self.eos_token_id = model.config.eos_token_id if eos is None else eos
         # the chat format's reply ends: ChatGLM3 / GLM-4 also stop at <|user|> and <|observation|>
         self.chat_format = chat_format_of(tokenizer)
-        self.eos_token_ids = frozenset(
-            getattr(self.chat_format, "stop_token_ids", None) or [self.eos_token_id]
+        self._more_stop_ids = tuple(
+            i for i in getattr(self.chat_format, "stop_token_ids", ()) if i != self.eos_token_id
         )
         self._new_detokenizer = detokenizer_factory or _default_detokenizer_factory(tokenizer)
         # finished replies' ids by text, for encode_chat (pointless without the prefix cache)
@@ -109,6 +109,11 @@ class LLMEngine:
         self._stats = EngineStats(
             kv_blocks_total=self.kv_plan.num_blocks, kv_capacity_tokens=self.kv_plan.num_tokens
         )
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a reply: eos, and the chat format's turn openers (<|user|>, ...)."""
+        return (self.eos_token_id, *self._more_stop_ids)
 
     # ---- capacity ----
     @property
@@ -282,7 +287,7 @@ class LLMEngine:
         p = seq.params
         ban: list[int] = []
         if seq.num_output_tokens < p.min_tokens:
-            ban = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
+            ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
         return SamplingRow(p, seq.token_ids, seq.prompt_len, seq.generator, ban)
 
     def _text_of(self, token_id: int) -> str:
