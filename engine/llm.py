@@ -108,6 +108,7 @@ class ChatGLM:
         device_map: dict[str, str] | None = None,
         tensor_parallel_size: int = 1,
         quantize: int | None = None,
+        chat_template: str | None = None,
         config: EngineConfig | None = None,
     ) -> ChatGLM:
         """Load once: a Hugging Face checkpoint directory, or None for the embedded demo model.
@@ -115,7 +116,9 @@ class ChatGLM:
         dtype None/"auto" = the checkpoint's; device "auto" = cuda when available, else cpu;
         devices = a layer split over several devices (device_map fixes it per layer);
         tensor_parallel_size N = every layer split over N processes; quantize 4/8 quantizes the
-        linears while loading. The same options as the daemon's flags (engine/load.py)."""
+        linears while loading; chat_template ("chatglm2", "chatglm3", "glm4") overrides the
+        chat format detected from the checkpoint. The same options as the daemon's flags
+        (engine/load.py)."""
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         return cls.from_args(
@@ -127,6 +130,7 @@ class ChatGLM:
                 device_map=device_map,
                 tensor_parallel_size=tensor_parallel_size,
                 quantize=quantize,
+                chat_template=chat_template,
                 engine=config or EngineConfig(),
             )
         )

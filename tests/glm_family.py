@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from chatglm_serve.engine.sampler import Sampler
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.checkpoint import save_checkpoint
 from chatglm_serve.model.config import ChatGLMConfig
@@ -214,3 +215,25 @@ def write_member(
             )
         )
     return out, model
+
+
+class ScriptedSampler(Sampler):
+    """Test-only: forces the next token of `script` (then an end token); records prompts."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__(vocab_size)
+        self.script: list[int] | None = None
+        self.end: int = 0
+        self.prompts: list[list[int]] = []
+
+    def __call__(self, logits, rows):
+        if self.script is not None:
+            logits = logits.clone()
+            for i, row in enumerate(rows):
+                k = len(row.output_ids)
+                if k == 0:
+                    self.prompts.append(list(row.token_ids[: row.prompt_len]))
+                tok = self.script[k] if k < len(self.script) else self.end
+                logits[i] = -1e9
+                logits[i, tok] = 0.0
+        return super().__call__(logits, rows)

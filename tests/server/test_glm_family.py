@@ -19,10 +19,9 @@ import torch
 
 from chatglm_serve.engine.async_engine import AsyncEngine
 from chatglm_serve.engine.config import EngineConfig
-from chatglm_serve.engine.sampler import Sampler
 from chatglm_serve.model.chat_format import Turn
 from chatglm_serve.model.loader import load_model_and_tokenizer
-from tests.glm_family import write_member
+from tests.glm_family import ScriptedSampler, write_member
 
 TOOLS = [
     {
@@ -39,28 +38,6 @@ TOOLS = [
     }
 ]
 USER = [{"role": "user", "content": "What is the weather in Beijing?"}]
-
-
-class ScriptedSampler(Sampler):
-    """Test-only: forces the next token of `script` (then an end token); records prompts."""
-
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__(vocab_size)
-        self.script: list[int] | None = None
-        self.end: int = 0
-        self.prompts: list[list[int]] = []
-
-    def __call__(self, logits, rows):
-        if self.script is not None:
-            logits = logits.clone()
-            for i, row in enumerate(rows):
-                k = len(row.output_ids)
-                if k == 0:
-                    self.prompts.append(list(row.token_ids[: row.prompt_len]))
-                tok = self.script[k] if k < len(self.script) else self.end
-                logits[i] = -1e9
-                logits[i, tok] = 0.0
-        return super().__call__(logits, rows)
 
 
 def _engine(path) -> AsyncEngine:
