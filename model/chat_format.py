@@ -48,6 +48,7 @@ class Turn:
 class ChatGLM2Format:
     name = "chatglm2"
     supports_tools = False
+    segment_token_id = None
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -78,6 +79,8 @@ class RoleChatFormat:
             )
         self.tokenizer = tokenizer
         self.name = name
+        # <|assistant|> generated inside a reply starts a new segment (text, then a tool call)
+        self.segment_token_id = tokenizer.role_token_id("assistant")
         self.stop_token_ids = [
             tokenizer.eos_token_id,
             tokenizer.role_token_id("user"),

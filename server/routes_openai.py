@@ -187,7 +187,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
         else:  # ChatGLM3 / GLM-4: role turns, tools, the reply's metadata line parsed
             rp = role_prompt(body, fmt)
             prompt_ids = fmt.encode_turns(rp.turns, rp.reply_prefix)
-            parser = partial(ReplyParser, fmt.name, rp.tools, rp.forced)
+            parser = partial(ReplyParser, fmt.name, rp.tools, rp.forced, fmt.segment_token_id)
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
         params = sampling_params(body, len(prompt_ids))
         cid = completion_id()
@@ -266,7 +266,7 @@ async def _complete(
     try:
         async for out in stream.outputs():
             timing.tokens(len(out.token_ids))
-            texts[out.index].append(parsers[out.index].feed(out.text))
+            texts[out.index].append(parsers[out.index].feed(out.text, out.token_ids))
             completion_tokens[out.index] = out.completion_tokens
             if out.logprobs is not None:
                 logprobs[out.index] = (logprobs[out.index] or []) + logprobs_json(out.logprobs)
@@ -363,7 +363,7 @@ async def _sse_events(
             timing.tokens(len(out.token_ids))
             completion_tokens[out.index] = out.completion_tokens
             lp = {"content": logprobs_json(out.logprobs)} if out.logprobs else None
-            text = parsers[out.index].feed(out.text)
+            text = parsers[out.index].feed(out.text, out.token_ids)
             if text or lp is not None:
                 yield chunk(out.index, {"content": text}, lp=lp)
             if out.finished:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,18 +86,33 @@ class ReplyParser:
     """
 
     def __init__(
-        self, chat_format: str, tools: dict[str, dict | None] | None, forced: str | None = None
+        self,
+        chat_format: str,
+        tools: dict[str, dict | None] | None,
+        forced: str | None = None,
+        segment_id: int | None = None,
     ) -> None:
         self.chat_format = chat_format
         self.tools = tools
+        # <|assistant|> inside a reply opens a new segment with its own metadata line: ChatGLM3
+        # may answer "Let me look that up." and then call a tool (PROMPT.md)
+        self.segment_id = segment_id
         self._state = "call" if forced else ("meta" if tools else "lead")
         self._name = forced
         self._forced = forced is not None
         self._held = ""  # text not released yet
         self._pieces: list[str] = []  # the call's text, as fed
 
-    def feed(self, text: str) -> str:
-        """Add reply text; returns the content to send now ("" while held)."""
+    def feed(self, text: str, token_ids: Sequence[int] = ()) -> str:
+        """Add reply text (and the ids it came from); returns the content to send now."""
+        out = self._feed(text)
+        opens_segment = self.segment_id is not None and self.segment_id in token_ids
+        if opens_segment and self.tools and self._state in ("content", "lead"):
+            out += self._held.lstrip() if self._state == "lead" else ""
+            self._state, self._held = "meta", ""
+        return out
+
+    def _feed(self, text: str) -> str:
         if not text:
             return ""
         if self._state == "content":
@@ -123,7 +139,7 @@ class ReplyParser:
                 return ""
             if not name:  # a plain answer: its text starts after the empty metadata line
                 self._state, self._held = "lead", ""
-                return self.feed(rest)
+                return self._feed(rest)
             self._state, self._held = "content", ""
             return held.lstrip()
         if any(t.startswith(name) for t in self.tools):
@@ -176,7 +192,7 @@ class ReplyParser:
 class PassThrough:
     """ChatGLM2's replies: text as generated, never a tool call."""
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str, token_ids: Sequence[int] = ()) -> str:
         return text
 
     def finish(self) -> tuple[str, ToolCall | None]:

@@ -32,6 +32,7 @@ from chatglm_serve.model.tokenizer_glm4 import (
     gpt2_byte_chars,
     write_rank_file,
 )
+from tests.conftest import tiny_config
 
 GLM4_BPE_SIZE = 420  # 256 bytes + learned merges (glm-4-9b-chat: 151,329)
 
@@ -132,18 +133,8 @@ def tokenizer_json(ranks: dict[bytes, int], specials: dict[str, int]) -> dict:
 
 
 def family_config(family: str, vocab: int, **overrides) -> ChatGLMConfig:
-    base = dict(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=96,
-        kv_channels=16,
-        num_attention_heads=4,
-        multi_query_attention=True,
-        multi_query_group_num=2,
-        padded_vocab_size=(vocab + 63) // 64 * 64,
-        seq_length=512,
-        torch_dtype="float32",
-    )
+    """tests/conftest.py's tiny shape with the member's own config fields."""
+    base: dict = dict(padded_vocab_size=(vocab + 63) // 64 * 64)
     if family == "glm4":
         specials = glm4_specials()
         eos = [specials["<|endoftext|>"], specials["<|user|>"], specials["<|observation|>"]]
@@ -157,7 +148,7 @@ def family_config(family: str, vocab: int, **overrides) -> ChatGLMConfig:
     else:
         base["extra"] = {"_name_or_path": f"THUDM/{family}-6b"}
     base.update(overrides)
-    return ChatGLMConfig(**base)
+    return tiny_config(**base)
 
 
 def write_member(

@@ -376,3 +376,25 @@ async def test_glm4_bad_tool_requests_are_400s(make_app, engines, extra, param):
         r = await c.post("/v1/chat/completions", json={"messages": USER, **extra})
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["param"] or "").startswith(param)
+
+
+def test_chatglm3_scripted_text_then_tool_call_in_one_reply(oai, engines):
+    """PROMPT.md's "Okay, let's look it up.<|assistant|>get_weather\\n```python...```"."""
+    engine, client = engines["chatglm3"], oai("chatglm3")
+    tok = engine.tokenizer
+    sampler = script(engine, "", end="<|observation|>")
+    sampler.script = [
+        *tok.encode_text("\nLet me look that up."),
+        tok.special_tokens["<|assistant|>"],
+        *tok.encode_text("get_weather\n```python\ntool_call(city='Oslo')\n```"),
+    ]
+    r = client.chat.completions.create(model="chatglm3-6b", messages=USER, tools=TOOLS)
+    message = r.choices[0].message
+    assert message.content == "Let me look that up." and r.choices[0].finish_reason == "tool_calls"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    chunks = list(
+        client.chat.completions.create(model="chatglm3-6b", messages=USER, tools=TOOLS, stream=True)
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Let me look that up."
+    assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls][0] == "get_weather"

@@ -95,3 +95,13 @@ def test_forced_call_parses_from_the_first_token():
     assert call.name == "get_weather" and tail == ""
     _, tail, call = run(ReplyParser("glm4", TOOLS, forced="get_weather"), ["oops"])
     assert call is None and tail == "oops"
+
+
+def test_text_then_assistant_token_then_a_tool_call():
+    """ChatGLM3's "I will look it up.<|assistant|>get_weather\\n```...```" (PROMPT.md)."""
+    p = ReplyParser("chatglm3", TOOLS, segment_id=99)
+    sent = [p.feed("\nLet me check.", [5, 6]), p.feed("", [99])]
+    sent += [p.feed("get_weather\n", [7]), p.feed("```python\ntool_call(city='Oslo')\n```", [8])]
+    tail, call = p.finish()
+    assert "".join(sent) + tail == "Let me check."
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
