@@ -253,3 +253,15 @@ def test_glm4_config_keeps_its_eos_list(members):
     assert json.loads((members["glm4"] / "config.json").read_text())["eos_token_id"] == (
         cfg.eos_token_ids
     )
+
+
+def test_glm4_streaming_detokenizer_never_splits_a_character(members):
+    from chatglm_serve.model.detokenizer import IncrementalDetokenizer
+
+    _, tok = load_model_and_tokenizer(members["glm4"])
+    text = "天气 🙂🌧️ ok\n\n  çà"
+    ids = tok.encode_text(text)
+    assert len(ids) > len(text) // 2  # byte-level pieces: several per character here
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
