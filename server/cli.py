@@ -166,17 +166,22 @@ def engine_reply(
     engine: Any, temperature: float | None, top_p: float | None, max_tokens: int | None
 ) -> Reply:
     from chatglm_serve.engine.types import SamplingParams
+    from chatglm_serve.server.tools import PassThrough, ReplyParser
 
     async def reply(query: str, history: list[tuple[str, str]]) -> AsyncIterator[str]:
         ids = engine.encode_chat(query, history)
+        fmt = engine.chat_format
+        # ChatGLM3 / GLM-4 replies open with an (empty) metadata line: not shown
+        parser = ReplyParser(fmt.name, None) if fmt.supports_tools else PassThrough()
         params = SamplingParams(
             temperature=0.8 if temperature is None else temperature,
             top_p=0.8 if top_p is None else top_p,
             max_tokens=max_tokens,
         )
         async for out in engine.generate(ids, params, f"chat-{uuid.uuid4().hex}"):
-            if out.text:
-                yield out.text
+            text = parser.feed(out.text)
+            if text:
+                yield text
 
     return reply
 

@@ -398,3 +398,12 @@ def test_chatglm3_scripted_text_then_tool_call_in_one_reply(oai, engines):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == "Let me look that up."
     assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls][0] == "get_weather"
+
+
+async def test_terminal_chat_hides_the_metadata_line(engines):
+    from chatglm_serve.server.cli import engine_reply
+
+    engine = engines["glm4"]
+    script(engine, "\nHi there!")
+    reply = engine_reply(engine, temperature=0, top_p=None, max_tokens=20)
+    assert "".join([part async for part in reply("Hello", [])]) == "Hi there!"
