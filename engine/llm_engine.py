@@ -109,6 +109,10 @@ class LLMEngine:
         self._stats = EngineStats(
             kv_blocks_total=self.kv_plan.num_blocks, kv_capacity_tokens=self.kv_plan.num_tokens
         )
+        # GPUs this process computes on, for the memory figure in the stats (/metrics)
+        self._cuda_devices = sorted(
+            {c.device for c in self.runner.kv_caches if c.device.type == "cuda"}, key=str
+        )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -177,6 +181,13 @@ class LLMEngine:
             raise bad("min_tokens", "must be >= 0 and <= max_tokens")
         if not (1 <= p.n <= self.config.max_n):
             raise bad("n", f"must be in [1, {self.config.max_n}]")
+        for token, bias in (p.logit_bias or {}).items():
+            if not (isinstance(token, int) and 0 <= token < self.vocab_size):
+                raise bad(
+                    "logit_bias", f"token ids must be in [0, {self.vocab_size}), not {token!r}"
+                )
+            if not (isinstance(bias, int | float) and -100.0 <= bias <= 100.0):
+                raise bad("logit_bias", f"biases must be in [-100, 100], not {bias!r}")
         if p.logprobs is not None and not (0 <= p.logprobs <= self.config.max_logprobs):
             raise bad("logprobs", f"must be in [0, {self.config.max_logprobs}]")
         # choice i seeds a torch.Generator with seed + i, which takes 64 bits (signed or not)
@@ -387,6 +398,10 @@ class LLMEngine:
         s.running = len(self.scheduler.running)
         s.kv_blocks_used = self.block_manager.num_used_blocks
         s.num_preemptions = self.scheduler.num_preemptions
+        if self._cuda_devices:
+            s.gpu_memory_allocated_bytes = sum(
+                torch.cuda.memory_allocated(d) for d in self._cuda_devices
+            )
         return s
 
 

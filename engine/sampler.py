@@ -1,8 +1,8 @@
 """Next-token choice for a whole batch at once, each row with its own sampling parameters.
 
 Order of operations: NaN/inf guard, ChatGLM repetition penalty (prompt + output tokens, as the
-seed's HF generate does), OpenAI presence/frequency penalties (output tokens only), min_tokens
-ban of stop tokens, then greedy rows take the argmax and the others temperature, top-k, top-p and
+seed's HF generate does), OpenAI presence/frequency penalties (output tokens only), OpenAI's
+logit_bias, min_tokens ban of stop tokens, then greedy rows take the argmax and the others temperature, top-k, top-p and
 an inverse-CDF draw with one uniform number per row. Rows of a seeded request take that number
 from the request's own generator, so its tokens do not depend on the rest of the batch.
 Logprobs are those of the model's distribution (after the guard, before penalties/temperature).
@@ -79,9 +79,17 @@ class Sampler:
         logits = self.guard(logits.float())
         raw = logits
         banned = [(i, t) for i, r in enumerate(rows) for t in r.ban_ids if 0 <= t < vocab]
-        if banned or any(_penalized(r.params) for r in rows):
+        biased = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
+        if banned or biased or any(_penalized(r.params) for r in rows):
             logits = logits.clone()  # raw stays the model's distribution, for logprobs
             self._apply_penalties(logits, rows)
+            if biased:
+                ri, ti, bi = zip(*biased, strict=True)
+                logits.index_put_(
+                    (torch.tensor(ri, device=device), torch.tensor(ti, device=device)),
+                    torch.tensor(bi, dtype=logits.dtype, device=device),
+                    accumulate=True,
+                )
             if banned:
                 ri, ti = zip(*banned, strict=True)
                 logits[list(ri), list(ti)] = float("-inf")

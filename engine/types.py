@@ -28,6 +28,8 @@ class SamplingParams:
     ignore_eos: bool = False  # vLLM extension, for benchmarks of random-weight models
     n: int = 1
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob + top-k
+    # token id -> added to its logit before sampling (OpenAI's logit_bias, -100..100)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 class EngineError(Exception):
@@ -123,6 +125,9 @@ class EngineStats:
     time_to_first_token_count: int = 0
     time_per_output_token_sum: float = 0.0  # seconds, over finished choices with >= 2 tokens
     time_per_output_token_count: int = 0
+    gpu_memory_allocated_bytes: int | None = (
+        None  # torch's allocator, this process's GPUs; None on CPU
+    )
 
     @property
     def kv_usage(self) -> float:

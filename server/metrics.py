@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -56,6 +62,13 @@ class _EngineCollector(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        gpu = getattr(s, "gpu_memory_allocated_bytes", None)
+        if gpu is not None:  # only where the model runs on a GPU
+            yield GaugeMetricFamily(
+                f"{PREFIX}_gpu_memory_allocated_bytes",
+                "GPU memory held by tensors (weights, KV cache, activations) in this process.",
+                value=gpu,
+            )
 
 
 class Metrics:
@@ -86,6 +99,9 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(stats))
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        # (read from /proc at scrape time; nothing on platforms without it)
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -124,6 +124,8 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # token id (a JSON string key) -> bias added to its logit before sampling, as OpenAI's
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

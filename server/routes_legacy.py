@@ -20,6 +20,7 @@ from chatglm_serve.server.generation import ClientDisconnected, EngineStream, un
 from chatglm_serve.server.middleware import request_id
 from chatglm_serve.server.protocol import LegacyRequest, LegacyResponse, completion_id
 from chatglm_serve.server.routes_openai import CLIENT_CLOSED, check_prompt_fits
+from chatglm_serve.server.settings import Settings
 from chatglm_serve.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,15 @@ def process_response(text: str) -> str:
     return text.strip().replace("[[训练时间]]", "2023年")
 
 
+def legacy_reply_limit(max_length: int | None, prompt_tokens: int, settings: Settings) -> int:
+    """max_length counts the prompt too; like HF generate, at least one new token. Without one,
+    the seed's default length, capped by --default-max-tokens where that is set."""
+    if max_length:
+        return settings.reply_limit(max(1, max_length - prompt_tokens)) or 1
+    seed_default = max(1, DEFAULT_MAX_LENGTH - prompt_tokens)
+    return min(settings.reply_limit(None) or seed_default, seed_default)
+
+
 def build_legacy_router(state: ServerState, auth: ApiKeyAuth) -> APIRouter:
     router = APIRouter(dependencies=[Depends(auth)])
 
@@ -42,12 +52,10 @@ def build_legacy_router(state: ServerState, auth: ApiKeyAuth) -> APIRouter:
         history = [(q, a) for q, a in body.history or []]
         prompt_ids = engine.encode_chat(body.prompt, history)
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
-        max_length = body.max_length or DEFAULT_MAX_LENGTH
         params = SamplingParams(
             temperature=body.temperature or DEFAULT_TEMPERATURE,
             top_p=body.top_p or DEFAULT_TOP_P,
-            # max_length counts the prompt too; like HF generate, at least one new token.
-            max_tokens=max(1, max_length - len(prompt_ids)),
+            max_tokens=legacy_reply_limit(body.max_length, len(prompt_ids), state.settings),
         )
         rid = completion_id()
         log.info("%s %s: legacy, %d prompt tokens", request_id(request.scope), rid, len(prompt_ids))

@@ -36,6 +36,7 @@ from chatglm_serve.server.protocol import (
     completion_id,
     now,
 )
+from chatglm_serve.server.settings import Settings
 from chatglm_serve.server.state import ServerState
 from chatglm_serve.server.tools import PassThrough, ReplyParser, ToolCall
 
@@ -59,7 +60,9 @@ def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
         raise from_engine_error(PromptTooLongError(prompt_tokens, max_model_len))
 
 
-def sampling_params(body: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
+def sampling_params(
+    body: ChatCompletionRequest, prompt_tokens: int, settings: Settings | None = None
+) -> SamplingParams:
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     top_p = DEFAULT_TOP_P if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus of probability 0 = only the top token
@@ -67,6 +70,8 @@ def sampling_params(body: ChatCompletionRequest, prompt_tokens: int) -> Sampling
     max_tokens = body.reply_budget()
     if max_tokens is None and body.max_length is not None:
         max_tokens = max(1, body.max_length - prompt_tokens)
+    if settings is not None:
+        max_tokens = settings.reply_limit(max_tokens)  # --default-max-tokens
     # Larger than what remains of the context is not an error: the engine clips it (finish
     # "length"); None means up to the rest of the context.
     return SamplingParams(
@@ -84,6 +89,7 @@ def sampling_params(body: ChatCompletionRequest, prompt_tokens: int) -> Sampling
         ignore_eos=body.ignore_eos,
         n=body.n,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        logit_bias=dict(body.logit_bias or {}),
     )
 
 
@@ -189,7 +195,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
             prompt_ids = fmt.encode_turns(rp.turns, rp.reply_prefix)
             parser = partial(ReplyParser, fmt.name, rp.tools, rp.forced, fmt.segment_token_id)
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
-        params = sampling_params(body, len(prompt_ids))
+        params = sampling_params(body, len(prompt_ids), settings)
         cid = completion_id()
         log.info(
             "%s %s: %d prompt tokens, n=%d, max_tokens=%s, stream=%s",

@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM: seconds running streams may take to finish."
     )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Reply length limit for requests that set none (no max_tokens / "
+        "max_completion_tokens / max_length; ChatGPT-Next-Web sends none for most model "
+        "names). Unset = up to the end of the context.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the daemon and uvicorn."
     )
@@ -231,6 +238,11 @@ class Settings(BaseSettings):
         names = [self.served_model_name]
         names += [a for a in self.model_aliases if a not in names]
         return names
+
+    def reply_limit(self, asked: int | None) -> int | None:
+        """The reply token limit of a request that asked for `asked` (None = it set none): the
+        one place default_max_tokens applies, for every route and the terminal chat."""
+        return self.default_max_tokens if asked is None else asked
 
     def api_key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]

@@ -180,3 +180,27 @@ def test_flat_top_p_looks_past_the_first_candidates():
     assert len(set(Sampler(big, seed=1)(lg, rows).token_ids)) > 600  # > 512 candidates
     rows = [row(temperature=1.0, top_k=1500) for _ in range(1000)]
     assert len(set(Sampler(big, seed=2)(lg, rows).token_ids)) > 600
+
+
+def test_logit_bias_steers_greedy_rows_and_leaves_logprobs_and_other_rows_alone():
+    lg = logits_batch(3, seed=11)
+    worst = lg[0].argmin().item()
+    best = lg[1].argmax().item()
+    rows = [
+        row(temperature=0, logit_bias={worst: 100.0}, logprobs=0),  # pushed to the top
+        row(temperature=0, logit_bias={best: -100.0}),  # banned in effect
+        row(temperature=0),
+    ]
+    res = Sampler(V)(lg, rows)
+    assert res.token_ids[0] == worst
+    assert res.token_ids[1] == lg[1].clone().index_fill_(0, torch.tensor([best]), -1e9).argmax()
+    assert res.token_ids[2] == lg[2].argmax()
+    # logprobs stay the model's distribution (the bias only changes the choice)
+    assert res.logprobs[0][0] == pytest.approx(torch.log_softmax(lg[0], -1)[worst].item(), abs=1e-5)
+
+
+def test_logit_bias_applies_to_sampled_rows():
+    lg = logits_batch(1, seed=12).repeat(200, 1)
+    target = lg[0].argmin().item()
+    rows = [row(temperature=1.0, logit_bias={target: 100.0}) for _ in range(200)]
+    assert set(Sampler(V)(lg, rows).token_ids) == {target}

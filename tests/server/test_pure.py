@@ -77,11 +77,38 @@ def test_image_part_is_refused():
         )
 
 
-@pytest.mark.parametrize("last", ["assistant", "system"])
-def test_last_message_must_be_user(last):
+def test_last_message_must_not_be_assistant():
     with pytest.raises(APIError) as e:
-        messages_to_chat(msgs(("user", "q"), (last, "x")))
+        messages_to_chat(msgs(("user", "q"), ("assistant", "x")))
     assert e.value.status == 400 and e.value.param == "messages"
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_only_instructions_and_no_user_message_is_refused(role):
+    with pytest.raises(APIError) as e:
+        messages_to_chat(msgs((role, "x"), (role, "y")))
+    assert e.value.status == 400 and e.value.param == "messages"
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_trailing_instruction_after_a_reply_becomes_the_query(role):
+    # ChatGPT-Next-Web's memory request: the conversation, then a system instruction
+    summarize = "Summarize the discussion briefly in 200 words or less to use as a prompt."
+    m = msgs(
+        ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"), (role, summarize)
+    )
+    assert messages_to_chat(m) == (summarize, [("q1", "a1"), ("q2", "a2")])
+
+
+def test_trailing_instruction_joins_the_last_user_turn_and_keeps_the_leading_system():
+    m = msgs(
+        ("system", "S. "),
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+        ("system", "Be brief."),
+    )
+    assert messages_to_chat(m) == ("S. q2\nBe brief.", [("q1", "a1")])
 
 
 # --- request models ------------------------------------------------------------------------------
