@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
 import types
 import typing
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
+from chatglm_serve.server.preflight import PortInUse, bind_listener, model_dir_problem
 from chatglm_serve.server.settings import (
+    ENV_PREFIX,
     REPEATABLE,
     Settings,
     SettingsError,
@@ -30,10 +30,45 @@ from chatglm_serve.server.settings import (
 
 log = logging.getLogger("chatglm_serve.server")
 
-WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+
+# Settings only the daemon uses; `chat` has no flag for them (it loads a model in-process or talks
+# to a daemon with --url).
+SERVE_ONLY = frozenset(
+    {
+        "served_model_name",
+        "model_aliases",
+        "strict_model_name",
+        "host",
+        "port",
+        "api_keys",
+        "cors_origins",
+        "web_ui",
+        "metrics_public",
+        "max_body_bytes",
+        "shutdown_timeout",
+        "max_queue",
+        "default_max_tokens",
+    }
+)
+# What still means something for `chat --url` (the daemon there has its own model settings).
+_WITH_URL = frozenset({"log_level"})
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def _default_text(name: str) -> str:
+    field = Settings.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == [] or default == {}:
+        shown = "unset"
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = str(default)
+    return f"(default: {shown}; env {ENV_PREFIX}{name.upper()})"
+
+
+def _add_settings_flags(
+    parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()
+) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -41,8 +76,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help="YAML settings file (e.g. configs/tiny.yaml); also CHATGLM_CONFIG.",
     )
     for name, field in Settings.model_fields.items():
+        if name in exclude:
+            continue
+        # SUPPRESS: only flags actually given override the environment and the YAML file
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        kwargs["help"] = field.description
+        kwargs["help"] = f"{field.description} {_default_text(name)}".replace("%", "%%")
         ann = field.annotation
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         literal = next((a for a in args if typing.get_origin(a) is typing.Literal), None)
@@ -73,31 +111,89 @@ def build_parser() -> argparse.ArgumentParser:
         "Commands: serve (default), chat (interactive terminal chat).",
     )
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run the HTTP daemon (the default)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP daemon (the default)",
+        usage="chatglm-serve [serve] [flags]",
+        description="Run the HTTP daemon (`serve` is the default command, so `chatglm-serve "
+        "[flags]` is the same). Flags win over CHATGLM_* environment variables, which win over "
+        "the --config YAML file. The terminal chat has its own flags: chatglm-serve chat --help.",
+    )
     _add_settings_flags(serve)
     chat = sub.add_parser(
-        "chat", help="chat in the terminal (in-process model, or --url of a running daemon)"
+        "chat",
+        help="chat in the terminal (in-process model, or --url of a running daemon)",
+        usage="chatglm-serve chat [--url URL [--api-key KEY]] [flags]",
+        description="The seed's cli_demo: type a message, the reply streams in. `clear` starts "
+        "over, `stop` (or Ctrl-D, or Ctrl-C at the prompt) quits, Ctrl-C during a reply stops "
+        "the reply. Without --url the model is loaded in this process (the model flags below); "
+        "with --url it talks to a running daemon, and the model flags are refused.",
     )
-    _add_settings_flags(chat)
-    chat.add_argument("--url", help="a running daemon's base URL, e.g. http://127.0.0.1:8000")
-    chat.add_argument("--temperature", type=float, default=None)
-    chat.add_argument("--top-p", type=float, default=None)
-    chat.add_argument("--max-tokens", type=int, default=None)
+    remote = chat.add_argument_group("a running daemon")
+    remote.add_argument(
+        "--url",
+        help="the daemon's base URL, e.g. http://127.0.0.1:8000 (…/v1 works too)",
+    )
+    remote.add_argument(
+        "--api-key",
+        dest="chat_api_key",
+        metavar="KEY",
+        help="the key to send to the daemon (Authorization: Bearer KEY); default: the first of "
+        "CHATGLM_API_KEYS, else none",
+    )
+    sampling = chat.add_argument_group("sampling (either way)")
+    sampling.add_argument(
+        "--temperature",
+        metavar="T",
+        type=float,
+        default=None,
+        help="sampling temperature, 0 = greedy (default: 0.8, ChatGLM2's own)",
+    )
+    sampling.add_argument(
+        "--top-p",
+        metavar="P",
+        type=float,
+        default=None,
+        help="nucleus sampling probability mass (default: 0.8, ChatGLM2's own)",
+    )
+    sampling.add_argument(
+        "--max-tokens",
+        metavar="N",
+        type=int,
+        default=None,
+        help="longest reply in tokens (default: up to the end of the context; with --url the "
+        "daemon's --default-max-tokens)",
+    )
+    _add_settings_flags(chat.add_argument_group("the model, loaded in this process"), SERVE_ONLY)
     return parser
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[str, argparse.Namespace, Settings]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "chat", "-h", "--help"):
+    # `serve` is the default command, so `chatglm-serve --help` shows the daemon's flags
+    if not argv or argv[0] not in ("serve", "chat"):
         argv = ["serve", *argv]
     parser = build_parser()
     ns = parser.parse_args(argv)
+    command = ns.command or "serve"
     given = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
+    if command == "chat" and ns.url:
+        useless = sorted(set(given) - _WITH_URL)
+        if useless:
+            flags = ", ".join(flag_for(n) for n in useless)
+            parser.error(
+                f"{flags}: no effect with --url (the daemon at {ns.url} uses its own model "
+                "and settings); drop them, or drop --url to load the model here"
+            )
     try:
         settings = load_settings(given, config_file=getattr(ns, "config", None))
     except (SettingsError, ValidationError) as e:
         parser.error(str(e))
-    return ns.command or "serve", ns, settings
+    if command == "serve" or not ns.url:
+        problem = model_dir_problem(settings.model)
+        if problem:
+            parser.exit(2, f"chatglm-serve: error: {problem}\n")
+    return command, ns, settings
 
 
 def configure_logging(level: str) -> None:
@@ -117,6 +213,11 @@ def serve(settings: Settings) -> int:
     from chatglm_serve.server.app import create_app
 
     configure_logging(settings.log_level)
+    try:
+        sock = bind_listener(settings.host, settings.port)
+    except PortInUse as e:
+        print(f"chatglm-serve: error: {e}", file=sys.stderr)
+        return 1
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -153,187 +254,48 @@ def serve(settings: Settings) -> int:
     # SIGTERM / SIGINT meets a handler that only lets the process return.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 1 if failed else 0
 
 
 # --- chat ---------------------------------------------------------------------------------------
 
-Reply = Callable[[str, list[tuple[str, str]]], AsyncIterator[str]]
-
-
-def engine_reply(
-    engine: Any, temperature: float | None, top_p: float | None, max_tokens: int | None
-) -> Reply:
-    from chatglm_serve.engine.types import SamplingParams
-    from chatglm_serve.server.tools import PassThrough, ReplyParser
-
-    async def reply(query: str, history: list[tuple[str, str]]) -> AsyncIterator[str]:
-        ids = engine.encode_chat(query, history)
-        fmt = engine.chat_format
-        # ChatGLM3 / GLM-4 replies open with an (empty) metadata line: not shown
-        parser = ReplyParser(fmt.name, None) if fmt.supports_tools else PassThrough()
-        params = SamplingParams(
-            temperature=0.8 if temperature is None else temperature,
-            top_p=0.8 if top_p is None else top_p,
-            max_tokens=max_tokens,
-        )
-        async for out in engine.generate(ids, params, f"chat-{uuid.uuid4().hex}"):
-            text = parser.feed(out.text)
-            if text:
-                yield text
-
-    return reply
-
-
-def http_reply(
-    url: str,
-    api_key: str | None,
-    temperature: float | None,
-    top_p: float | None,
-    max_tokens: int | None,
-) -> Reply:
-    import httpx
-
-    endpoint = url.rstrip("/") + "/v1/chat/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    async def reply(query: str, history: list[tuple[str, str]]) -> AsyncIterator[str]:
-        messages = []
-        for q, a in history:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": query})
-        body: dict[str, Any] = {"messages": messages, "stream": True}
-        for key, value in (
-            ("temperature", temperature),
-            ("top_p", top_p),
-            ("max_tokens", max_tokens),
-        ):
-            if value is not None:
-                body[key] = value
-        async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0)) as client,
-            client.stream("POST", endpoint, json=body, headers=headers) as resp,
-        ):
-            if resp.status_code != 200:
-                await resp.aread()
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    raise RuntimeError(event["error"].get("message", "error"))
-                for choice in event.get("choices", []):
-                    text = choice.get("delta", {}).get("content")
-                    if text:
-                        yield text
-
-    return reply
-
-
-async def _print_reply(
-    texts: AsyncIterator[str],
-    parts: list[str],
-    write: Callable[[str], Any],
-    flush: Callable[[], Any],
-) -> None:
-    async for text in texts:
-        parts.append(text)
-        write(text)
-        flush()
-
-
-async def chat_loop(
-    reply: Reply,
-    read: Callable[[str], str] = input,
-    write: Callable[[str], Any] = sys.stdout.write,
-    flush: Callable[[], Any] = sys.stdout.flush,
-) -> None:
-    """The seed's cli_demo: stream each reply, keep history; `clear` empties it, `stop` quits."""
-    history: list[tuple[str, str]] = []
-    write(WELCOME + "\n")
-    while True:
-        try:
-            query = read("\n用户：")
-        except EOFError:
-            write("\n")
-            return
-        except KeyboardInterrupt:
-            write("\n")
-            return
-        if query.strip() == "stop":
-            return
-        if query.strip() == "clear":
-            history = []
-            write(WELCOME + "\n")
-            continue
-        if not query.strip():
-            continue
-        write("\nChatGLM：")
-        flush()
-        parts: list[str] = []
-
-        task = asyncio.ensure_future(_print_reply(reply(query, history), parts, write, flush))
-        interrupted: list[bool] = []
-
-        def stop_reply(task: asyncio.Future = task, interrupted: list[bool] = interrupted) -> None:
-            interrupted.append(True)
-            task.cancel()
-
-        undo = _on_sigint(stop_reply)  # Ctrl-C stops this reply, as in the seed
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not interrupted:
-                raise
-        except Exception as e:  # a daemon error: show it and keep the session
-            write(f"\n[error] {e}")
-        finally:
-            undo()
-        write("\n")
-        history.append((query, "".join(parts)))
-
-
-def _on_sigint(callback: Callable[[], Any]) -> Callable[[], None]:
-    """Route Ctrl-C to `callback` until the returned undo is called (no-op where unsupported)."""
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
-        return lambda: None
-
-    def undo() -> None:
-        loop.remove_signal_handler(signal.SIGINT)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    return undo
-
 
 def chat(ns: argparse.Namespace, settings: Settings) -> int:
+    from chatglm_serve.server.terminal_chat import (
+        chat_loop,
+        clear_terminal,
+        engine_reply,
+        http_reply,
+        terminal_reader,
+    )
+
     configure_logging("warning" if settings.log_level == "info" else settings.log_level)
+    loop_io = {"read": terminal_reader(), "clear_screen": clear_terminal}
+    try:
+        with asyncio.Runner() as runner:
+            if ns.url:
+                keys = settings.api_key_values()
+                key = ns.chat_api_key or (keys[0] if keys else None)
+                reply = http_reply(ns.url, key, ns.temperature, ns.top_p, ns.max_tokens)
+                chat_loop(reply, runner.run, **loop_io)
+                return 0
+            from chatglm_serve.server.app import load_engine
 
-    async def run() -> None:
-        if ns.url:
-            keys = settings.api_key_values()
-            reply = http_reply(
-                ns.url, keys[0] if keys else None, ns.temperature, ns.top_p, ns.max_tokens
-            )
-            await chat_loop(reply)
-            return
-        from chatglm_serve.server.app import load_engine
-
-        engine = await asyncio.to_thread(load_engine, settings)
-        engine.start()
-        try:
-            await chat_loop(engine_reply(engine, ns.temperature, ns.top_p, ns.max_tokens))
-        finally:
-            await engine.shutdown(timeout=5)
-
-    asyncio.run(run())
+            engine = load_engine(settings)
+            engine.start()
+            try:
+                max_tokens = settings.reply_limit(ns.max_tokens)
+                reply = engine_reply(engine, ns.temperature, ns.top_p, max_tokens)
+                chat_loop(reply, runner.run, **loop_io)
+            finally:
+                runner.run(engine.shutdown(timeout=5))
+    except KeyboardInterrupt:  # while loading or shutting down: leave quietly
+        sys.stdout.write("\n")
+        return 130
     return 0
 
 

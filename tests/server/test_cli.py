@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatglm_serve.server.cli import WELCOME, chat_loop, engine_reply, http_reply
+from chatglm_serve.server.terminal_chat import WELCOME, chat_loop, engine_reply, http_reply
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def recording(reply):
 
 def run_chat(reply, lines: list[str]) -> str:
     out: list[str] = []
-    asyncio.run(chat_loop(reply, read=scripted(lines), write=out.append, flush=lambda: None))
+    chat_loop(reply, asyncio.run, read=scripted(lines), write=out.append, flush=lambda: None)
     return "".join(out)
 
 

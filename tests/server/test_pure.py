@@ -312,8 +312,15 @@ def test_cli_flags_parse():
     )
     assert command == "serve"
     assert (s.port, s.api_key_values(), s.quantize, s.web_ui) == (9001, ["k1", "k2"], 8, False)
-    command, ns, s = parse(["chat", "--url", "http://x:1", "--dtype", "float32"])
-    assert (command, ns.url, s.dtype) == ("chat", "http://x:1", "float32")
+    command, ns, s = parse(["chat", "--dtype", "float32", "--max-tokens", "5"])
+    assert (command, ns.url, s.dtype, ns.max_tokens) == ("chat", None, "float32", 5)
+    command, ns, s = parse(["chat", "--url", "http://x:1", "--api-key", "sk-1"])
+    assert (command, ns.url, ns.chat_api_key, s.api_key_values()) == (
+        "chat",
+        "http://x:1",
+        "sk-1",
+        [],
+    )
 
 
 # --- auth ----------------------------------------------------------------------------------------
