@@ -86,11 +86,18 @@ class EngineArgs:
     quantize: int | None = None  # 4 or 8: weight-only quantization while loading
     # the chat format ("chatglm2", "chatglm3", "glm4"); None = detected from the checkpoint
     chat_template: str | None = None
+    # CPU kernels not in the cache yet: "now" compiles them while loading (a minute on 2 cores);
+    # "background" serves on PyTorch at once and switches when a background build ends
+    kernel_build: str = "now"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
         if self.quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be 4, 8 or None, not {self.quantize!r}")
+        if self.kernel_build not in ("now", "background"):
+            raise ValueError(
+                f"kernel_build must be 'now' or 'background', not {self.kernel_build!r}"
+            )
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
         self.engine.validate()

@@ -20,6 +20,7 @@ import torch
 
 from chatglm_serve.engine.block_manager import BlockManager
 from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.kernel_warmup import BackgroundKernelBuild
 from chatglm_serve.engine.model_runner import ModelRunner, plan_kv_cache
 from chatglm_serve.engine.reply_tokens import ReplyTokenMap
 from chatglm_serve.engine.sampler import Sampler, SamplingRow
@@ -57,8 +58,12 @@ class LLMEngine:
         tokenizer: Any,
         config: EngineConfig | None = None,
         detokenizer_factory: Callable[[], Any] | None = None,
+        kernel_build: BackgroundKernelBuild | None = None,
     ) -> None:
+        """kernel_build: the CPU kernels compiling in the background (engine/kernel_warmup.py);
+        the model runs its PyTorch paths until the step after it ends."""
         config = config or EngineConfig()
+        self.kernel_build = kernel_build
         config.validate()
         self.model = model
         self.tokenizer = tokenizer
@@ -83,7 +88,9 @@ class LLMEngine:
             self.kv_plan.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(model, config, self.kv_plan, self.max_model_len)
+        self.runner = ModelRunner(
+            model, config, self.kv_plan, self.max_model_len, optimize_cpu=kernel_build is None
+        )
         # padded rows of the output layer past the tokenizer's vocabulary are never sampled
         tok_vocab = getattr(tokenizer, "vocab_size", None) or model.config.padded_vocab_size
         self.vocab_size = min(tok_vocab, model.config.padded_vocab_size)
@@ -258,6 +265,8 @@ class LLMEngine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
+        if self.kernel_build is not None and self.kernel_build.ready():
+            self.kernel_build.switch(self.model)  # between steps: nothing is mid-forward
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         if sched.is_empty:

@@ -57,10 +57,20 @@ def load_model(args: EngineArgs) -> tuple[Any, Any]:
 
 def build_engine(args: EngineArgs) -> LLMEngine:
     """A ready engine for `args` (blocking: minutes for a real checkpoint)."""
+    kernel_build = None
+    if args.kernel_build == "background":
+        from chatglm_serve.engine.kernel_warmup import start_if_needed
+
+        on_cpu = (
+            args.tensor_parallel_size == 1
+            and not args.device_map
+            and all(str(resolve_device(d)) == "cpu" for d in (args.devices or [args.device]))
+        )
+        kernel_build = start_if_needed(on_cpu)
     model, tokenizer = load_model(args)
     if args.chat_template:
         from chatglm_serve.model.chat_format import make_chat_format
 
         tokenizer.chat_format = make_chat_format(args.chat_template, tokenizer)
         log.info("chat template: %s (set by --chat-template)", args.chat_template)
-    return LLMEngine(model, tokenizer, args.engine)
+    return LLMEngine(model, tokenizer, args.engine, kernel_build=kernel_build)

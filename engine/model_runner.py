@@ -121,6 +121,7 @@ class ModelRunner:
         plan: KVCachePlan,
         max_model_len: int,
         decode_graphs: CaptureStrategy | None = None,
+        optimize_cpu: bool = True,
     ) -> None:
         """decode_graphs: how decode-only steps are captured (engine/cuda_graphs.py); None = CUDA
         graphs where config.cuda_graphs and the model sits on one CUDA device, else none. Tests
@@ -130,7 +131,9 @@ class ModelRunner:
         if config.num_threads:
             # process-wide; threads started later (the async engine's step thread) inherit it
             torch.set_num_threads(config.num_threads)
-        if all(d.type == "cpu" for d in model.layer_devices()):
+        # optimize_cpu False: the CPU kernels are still being built (engine/kernel_warmup.py),
+        # the engine gives the linears their kernels once they are
+        if optimize_cpu and all(d.type == "cpu" for d in model.layer_devices()):
             # decode matmuls: oneDNN-packed half precision, our small-batch kernel for fp32
             fast = model.optimize_for_cpu()
             if fast:

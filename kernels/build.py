@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,38 @@ _NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 class KernelUnavailable(RuntimeError):
     """The extension cannot be built or used here; the message says why and what to install."""
+
+
+class KernelNotBuiltYet(KernelUnavailable):
+    """No build in the cache yet, and compiling in this process is held off (a background build
+    is making it: engine/kernel_warmup.py)."""
+
+
+# Cleared while a background process compiles the kernels into the cache, so that loading the
+# model never waits a minute for ninja: callers get KernelNotBuiltYet and keep their PyTorch
+# paths until forget_unavailable() (after the build) lets them import the finished build.
+_compile_here = threading.Event()
+_compile_here.set()
+
+
+def hold_compiling(hold: bool) -> None:
+    """Hold off (True) or allow again (False) compiling kernels in this process."""
+    if hold:
+        _compile_here.clear()
+    else:
+        _compile_here.set()
+
+
+def forget_unavailable() -> None:
+    """Let the next use of each CPU extension look again (after a background build finished)."""
+    from chatglm_serve.kernels import cpu_decode  # it imports this module: only here
+
+    for cached in (
+        cpu_kernels_or_none,
+        cpu_decode.decode_kernels_or_none,
+        cpu_decode.amx_bf16_available,
+    ):
+        cached.cache_clear()
 
 
 def cache_root() -> Path:
@@ -226,6 +259,8 @@ def _load(name: str, sources: list[Path], headers: list[Path], verbose: bool, **
         return mod
 
     _check_toolchain()
+    if not _compile_here.is_set():
+        raise KernelNotBuiltYet(f"{name} is not built yet (it is being built in the background)")
     if _is_cuda(sources) and nvcc_path() is None:
         raise KernelUnavailable("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     try:

@@ -268,6 +268,14 @@ class QuantLinear(nn.Module):
         else:
             self.weight_scale, self.path = scale, "torch"
 
+    def use_cpu_kernel(self) -> bool:
+        """Move a CPU layer finalized onto the PyTorch path (kernels not built then) onto the
+        kernel, now that it loads; whether it did."""
+        if self.path != "torch" or self.layout != "seed" or self.weight.device.type != "cpu":
+            return False
+        self._finalize_cpu(self.weight_scale)
+        return self.path == "cpu_kernel"
+
     def _finalize_cpu(self, scale: Tensor) -> None:
         from chatglm_serve.kernels.ops import activation_block, cpu_kernel_supports, pack_cpu
 

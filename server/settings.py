@@ -339,6 +339,7 @@ def engine_args(settings: Settings) -> EngineArgs:
         quantize=settings.quantize,
         chat_template=settings.chat_template,
         engine=engine_config(settings),
+        kernel_build="background",  # a first start serves at once (engine/kernel_warmup.py)
     )
 
 
