@@ -214,7 +214,7 @@ def test_serve_process_and_graceful_sigterm():
                 finish = choice["finish_reason"] or finish
         # the running stream is not cut: it runs to its length or, past the shutdown timeout,
         # the server drains it; either way it ends as a stream should
-        assert done and finish in ("length", "abort")
+        assert done and finish in ("length", "abort"), (done, finish, refused, proc.poll())
         # while it drained, new work was turned away
         assert refused in ("connection refused", 503)
         assert proc.wait(timeout=120) == 0  # a completed drain is a clean exit

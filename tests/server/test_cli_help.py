@@ -80,16 +80,9 @@ def test_port_in_use_fails_at_once_before_the_model_loads():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        daemon = [sys.executable, "-m", "chatglm_serve", "--config", "configs/tiny.yaml"]
         p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "chatglm_serve",
-                "--config",
-                "configs/tiny.yaml",
-                "--port",
-                str(port),
-            ],
+            [*daemon, "--port", str(port)],
             capture_output=True,
             text=True,
             cwd=ROOT,
