@@ -222,6 +222,7 @@ class AsyncEngine:
             try:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
+                    self.engine.poll_kernel_build()  # idle: switch now, not on a request
                     self._stats = self.engine.get_stats()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()

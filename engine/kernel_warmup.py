@@ -1,7 +1,7 @@
 """First start on a machine: serve at once on the plain PyTorch path while the CPU kernels compile
 in a background process, then switch the model over to them between two engine steps.
 
-Compiling the CPU extensions (kernels/build.py) takes about a minute on two cores. Done in the
+Compiling the CPU extensions (kernels/build.py) takes 1-2 minutes on two cores. Done in the
 loading process, that minute comes before the first reply (every request meanwhile is a 503).
 Instead, when the kernel cache has no build for this machine yet, `start_if_needed` holds off
 compiling in this process (so the model loads and serves on its PyTorch paths) and runs
@@ -28,8 +28,9 @@ from chatglm_serve.kernels import build
 
 log = logging.getLogger(__name__)
 
-# What the log promises while the build runs (2-core VM, g++ -O3: 50-70 s for both extensions).
-TYPICAL_BUILD_S = 60
+# What the log promises while the build runs (2-core AMD EPYC VM, g++ -O3, nice 10: 96 s for
+# both extensions, the quantized matmul after 24 s).
+TYPICAL_BUILD_S = 90
 
 
 def _all_prebuilt() -> bool:
@@ -59,7 +60,8 @@ class BackgroundKernelBuild:
     def _run(self) -> None:
         log.info(
             "CPU kernels: not built on this machine yet; compiling them in the background "
-            "(about %d s on 2 cores). Serving on the plain PyTorch path until then.",
+            "(about %d s on 2 cores). Serving on the plain PyTorch path until then; the engine "
+            "switches to them when they are built.",
             TYPICAL_BUILD_S,
         )
         try:

@@ -264,9 +264,14 @@ class LLMEngine:
         return len(self.requests)
 
     # ---- the step ----
-    def step(self) -> list[RequestOutput]:
+    def poll_kernel_build(self) -> None:
+        """Switch the model to the CPU kernels once their background build has ended. Called
+        between steps (nothing is mid-forward), on the thread that steps."""
         if self.kernel_build is not None and self.kernel_build.ready():
-            self.kernel_build.switch(self.model)  # between steps: nothing is mid-forward
+            self.kernel_build.switch(self.model)
+
+    def step(self) -> list[RequestOutput]:
+        self.poll_kernel_build()
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         if sched.is_empty:

@@ -137,3 +137,32 @@ def test_the_daemon_and_chat_build_in_the_background_the_python_api_does_not():
     assert EngineArgs().kernel_build == "now"
     with pytest.raises(ValueError, match="kernel_build"):
         EngineArgs(kernel_build="later").validate()
+
+
+def test_an_idle_async_engine_switches_without_waiting_for_a_request():
+    import threading
+
+    from chatglm_serve.engine.async_engine import AsyncEngine
+    from chatglm_serve.engine.config import EngineConfig
+    from chatglm_serve.model.loader import load_model_and_tokenizer
+
+    class FinishedBuild:  # the part of BackgroundKernelBuild the engine calls
+        def __init__(self) -> None:
+            self.switched = threading.Event()
+
+        def ready(self) -> bool:
+            return not self.switched.is_set()
+
+        def switch(self, model) -> None:
+            self.switched.set()
+
+    model, tokenizer = load_model_and_tokenizer(None, dtype="float32", device="cpu")
+    engine = AsyncEngine(model, tokenizer, EngineConfig(kv_cache_tokens=1024, max_model_len=256))
+    engine.engine.kernel_build = build_done = FinishedBuild()
+    engine.start()
+    try:
+        assert build_done.switched.wait(30)  # no request was ever sent
+    finally:
+        import asyncio
+
+        asyncio.run(engine.shutdown(timeout=2))
