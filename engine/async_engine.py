@@ -122,18 +122,23 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop admitting; let running requests finish for up to timeout; abort the rest."""
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Stop admitting; let running requests finish for up to timeout; abort the rest, so
+        their streams end (finish_reason "abort") instead of being cut. Safe to call twice."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.is_running and self._busy() and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        if self.is_running:
+        if self.is_running and self._busy():
             self._post(("abort_all",))
             grace = loop.time() + 2.0
             while self._busy() and loop.time() < grace:
                 await asyncio.sleep(0.01)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Drain (see `drain`), then stop the step thread and release the model."""
+        await self.drain(timeout)
         self._stop = True
         self._wake.set()
         if self._thread is not None:

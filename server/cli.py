@@ -231,10 +231,16 @@ def serve(settings: Settings) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-            # Stop admitting at once; uvicorn then stops accepting, lets running requests (and
-            # streams, see shutdown_grace_period) finish, and the lifespan shuts the engine.
+            # Stop admitting at once and start draining the engine now: uvicorn waits for open
+            # connections before it runs the lifespan's shutdown, so a stream still running at
+            # the deadline must be ended by the engine (finish_reason "abort", then [DONE])
+            # before uvicorn's own grace period (shutdown_timeout + 5 s) cuts it mid-stream.
             if not state.draining:
                 log.info("signal %s: draining (up to %.0fs)", sig, settings.shutdown_timeout)
+                if state.engine is not None:
+                    self._drain = asyncio.ensure_future(
+                        state.engine.drain(settings.shutdown_timeout)
+                    )
             state.draining = True
             super().handle_exit(sig, frame)
 

@@ -152,7 +152,10 @@ def _new_request_during_drain(url: str) -> str | int:
     return "still served"
 
 
-def test_serve_process_and_graceful_sigterm():
+# 20 s: the stream normally runs to its length; 0 s: the engine drains it at once (ends it with
+# finish_reason "abort"), which must still close the stream properly before uvicorn gives up.
+@pytest.mark.parametrize("shutdown_timeout", ["20", "0"])
+def test_serve_process_and_graceful_sigterm(shutdown_timeout):
     port = _free_port()
     env = _env()
     env["CHATGLM_MAX_MODEL_LEN"] = "2048"  # env var under the flags, over the YAML
@@ -166,7 +169,7 @@ def test_serve_process_and_graceful_sigterm():
             "--port",
             str(port),
             "--shutdown-timeout",
-            "20",
+            shutdown_timeout,
         ],
         cwd=ROOT,
         env=env,
