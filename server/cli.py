@@ -218,6 +218,10 @@ def serve(settings: Settings) -> int:
     except PortInUse as e:
         print(f"chatglm-serve: error: {e}", file=sys.stderr)
         return 1
+    # uvicorn names its address only when it binds the socket itself; this one is ours, so say
+    # it here (with --port 0 it is the only place the chosen port is told)
+    host, port = sock.getsockname()[:2]
+    log.info("running on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 

@@ -401,7 +401,7 @@ def test_chatglm3_scripted_text_then_tool_call_in_one_reply(oai, engines):
 
 
 async def test_terminal_chat_hides_the_metadata_line(engines):
-    from chatglm_serve.server.cli import engine_reply
+    from chatglm_serve.server.terminal_chat import engine_reply
 
     engine = engines["glm4"]
     script(engine, "\nHi there!")
