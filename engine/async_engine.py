@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatglm_serve.engine.config import EngineArgs, EngineConfig
+from chatglm_serve.engine.guided import CompiledGrammar, GuidedSpec
 from chatglm_serve.engine.llm_engine import LLMEngine
 from chatglm_serve.engine.types import (
     EngineError,
@@ -192,6 +193,11 @@ class AsyncEngine:
         """A chat prompt's ids, the history's replies generated here spliced in as their ids
         (LLMEngine.encode_chat; safe to call from any thread)."""
         return self.engine.encode_chat(query, history)
+
+    async def compile_grammar(self, spec: GuidedSpec) -> CompiledGrammar:
+        """A structured-output constraint for SamplingParams.guided, compiled once per spec on a
+        worker thread (never the step thread); GrammarError (an EngineError) if it cannot be."""
+        return await asyncio.to_thread(self.engine.compile_grammar, spec)
 
     async def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))

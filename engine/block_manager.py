@@ -180,12 +180,15 @@ class BlockManager:
             del self.free_cached[b]
         self.ref_counts[b] += 1
 
-    def _match(self, token_ids: list[int]) -> tuple[list[int], list[int], tuple[int, int] | None]:
-        blocks, hashes = self.match_prefix(token_ids)
-        return blocks, hashes, self.match_partial(token_ids, hashes)
+    def _match(self, seq: Sequence) -> tuple[list[int], list[int], tuple[int, int] | None]:
+        if seq.wants_prompt_logprobs:
+            # cached blocks hold K/V but not the logits its prompt logprobs need: recompute
+            return [], [], None
+        blocks, hashes = self.match_prefix(seq.token_ids)
+        return blocks, hashes, self.match_partial(seq.token_ids, hashes)
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        blocks, _, partial = self._match(seq.token_ids)
+        blocks, _, partial = self._match(seq)
         hit = blocks + [partial[0]] if partial else blocks
         return self._blocks_needed(seq, hit) + reserve <= self.num_free_blocks
 
@@ -200,7 +203,7 @@ class BlockManager:
         Returns False (and changes nothing) when fewer than needed + reserve blocks are free.
         """
         assert not seq.block_table, "sequence already holds blocks"
-        blocks, hashes, partial = self._match(seq.token_ids)
+        blocks, hashes, partial = self._match(seq)
         hit = blocks + [partial[0]] if partial else blocks
         if self._blocks_needed(seq, hit) + reserve > self.num_free_blocks:
             return False

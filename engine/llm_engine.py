@@ -12,6 +12,7 @@ import collections.abc
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +22,12 @@ import torch
 from chatglm_serve.engine.block_manager import BlockManager
 from chatglm_serve.engine.config import EngineConfig
 from chatglm_serve.engine.kernel_warmup import BackgroundKernelBuild
+from chatglm_serve.engine.guided import CompiledGrammar, GrammarCompiler, GuidedSpec
 from chatglm_serve.engine.model_runner import ModelRunner, plan_kv_cache
+from chatglm_serve.engine.prompt_logprobs import score_rows
 from chatglm_serve.engine.reply_tokens import ReplyTokenMap
 from chatglm_serve.engine.sampler import Sampler, SamplingRow
-from chatglm_serve.engine.scheduler import Scheduler
+from chatglm_serve.engine.scheduler import ScheduledSeq, Scheduler
 from chatglm_serve.engine.sequence import Request, Sequence, SequenceStatus
 from chatglm_serve.engine.stop import split_stream
 from chatglm_serve.engine.types import (
@@ -109,6 +112,8 @@ class LLMEngine:
             config.reply_token_cache_size if config.enable_prefix_caching else 0,
             tokenizer.decode,
         )
+        self._grammars: GrammarCompiler | None = None  # built at the first constraint
+        self._grammar_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         self._next_seq_id = 0
@@ -154,6 +159,16 @@ class LLMEngine:
         their generated ids, so the turn reuses their K/V from the prefix cache (thread-safe)."""
         return self.chat_format.encode_chat(query, history, reply_ids=self.reply_tokens.lookup)
 
+    def compile_grammar(self, spec: GuidedSpec) -> CompiledGrammar:
+        """A structured-output constraint compiled for this engine's tokenizer, cached by spec
+        (GrammarError if it cannot be). Slow for a new spec: call it off the step thread."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(
+                    self.tokenizer, self.vocab_size, list(self.eos_token_ids)
+                )
+        return self._grammars.compile(spec)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a request without changing any state; returns normalised params."""
         if not isinstance(params, SamplingParams):
@@ -166,9 +181,10 @@ class LLMEngine:
             raise bad("prompt", "the prompt has no tokens")
         if any(not (0 <= t < self.vocab_size) for t in prompt_ids):
             raise bad("prompt", f"token ids must be in [0, {self.vocab_size})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise PromptTooLongError(len(prompt_ids), self.max_model_len)
         p = params
+        # a prompt must leave room for one reply token, unless none is asked (scoring only)
+        if len(prompt_ids) >= self.max_model_len + (p.max_tokens == 0):
+            raise PromptTooLongError(len(prompt_ids), self.max_model_len)
         temp_ok = isinstance(p.temperature, int | float) and math.isfinite(p.temperature)
         if not (temp_ok and p.temperature >= 0):
             raise bad("temperature", "must be a finite number >= 0")
@@ -182,8 +198,8 @@ class LLMEngine:
             v = getattr(p, name)
             if not (-2.0 <= v <= 2.0):
                 raise bad(name, "must be in [-2, 2]")
-        if p.max_tokens is not None and p.max_tokens < 1:
-            raise bad("max_tokens", "must be >= 1")
+        if p.max_tokens is not None and p.max_tokens < 0:
+            raise bad("max_tokens", "must be >= 0")
         if p.min_tokens < 0 or (p.max_tokens is not None and p.min_tokens > p.max_tokens):
             raise bad("min_tokens", "must be >= 0 and <= max_tokens")
         if not (1 <= p.n <= self.config.max_n):
@@ -195,8 +211,12 @@ class LLMEngine:
                 )
             if not (isinstance(bias, int | float) and -100.0 <= bias <= 100.0):
                 raise bad("logit_bias", f"biases must be in [-100, 100], not {bias!r}")
-        if p.logprobs is not None and not (0 <= p.logprobs <= self.config.max_logprobs):
-            raise bad("logprobs", f"must be in [0, {self.config.max_logprobs}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(p, name)
+            if k is not None and not (0 <= k <= self.config.max_logprobs):
+                raise bad(name, f"must be in [0, {self.config.max_logprobs}]")
+        if p.guided is not None and not isinstance(p.guided, CompiledGrammar):
+            raise bad("guided", "must be a grammar compiled by this engine (compile_grammar)")
         # choice i seeds a torch.Generator with seed + i, which takes 64 bits (signed or not)
         if p.seed is not None and not (
             isinstance(p.seed, int) and -(2**63) <= p.seed <= 2**64 - p.n
@@ -288,7 +308,10 @@ class LLMEngine:
                 self._stats.prompt_tokens_cached += seq.num_computed_tokens
         logits = self.runner.execute(batch)
         sampling = [item for item in batch if item.samples]
-        result = self.sampler(logits, [self._sampling_row(item.seq) for item in sampling])
+        self._collect_prompt_logprobs(batch, logits[len(sampling) :])
+        result = self.sampler(
+            logits[: len(sampling)], [self._sampling_row(item.seq) for item in sampling]
+        )
 
         for item in batch:
             seq = item.seq
@@ -301,19 +324,41 @@ class LLMEngine:
         now = time.monotonic()
         for item, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
             seq = item.seq
-            self._append_token(seq, token, lp, now)
+            if seq.request.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._finish(seq, FinishReason.LENGTH)
+            else:
+                self._append_token(seq, token, lp, now)
             outputs.append(self._output(seq))
             if seq.is_finished and seq.request.finished:
                 self.requests.pop(seq.request_id, None)
                 self._stats.requests_finished += 1
         return outputs
 
+    def _collect_prompt_logprobs(self, batch: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        """Score the prompt tokens this step's rows predict (rows as the runner returns them)."""
+        at = 0
+        for item in batch:
+            first, count = item.prompt_logprob_rows
+            if not count:
+                continue
+            seq = item.seq
+            targets = seq.token_ids[first + 1 : first + 1 + count]
+            assert seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == first + 1
+            seq.prompt_logprobs += score_rows(
+                logits[at : at + count],
+                targets,
+                seq.params.prompt_logprobs or 0,
+                self.vocab_size,
+                self._text_of,
+            )
+            at += count
+
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
         ban: list[int] = []
         if seq.num_output_tokens < p.min_tokens:
             ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-        return SamplingRow(p, seq.token_ids, seq.prompt_len, seq.generator, ban)
+        return SamplingRow(p, seq.token_ids, seq.prompt_len, seq.generator, ban, seq.guided)
 
     def _text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -338,6 +383,11 @@ class LLMEngine:
                     token, self._text_of(token), chosen, [(t, self._text_of(t), v) for t, v in top]
                 )
             )
+        grammar_done = False
+        if seq.guided is not None:
+            if not seq.guided.accept(token):
+                log.warning("%s: grammar refused token %d: %s", seq, token, seq.guided.error)
+            grammar_done = seq.guided.done  # the constrained reply is complete: it ends here
         n_out = seq.num_output_tokens
         stops = p.stop if n_out > p.min_tokens else []
         is_stop_token = n_out > p.min_tokens and (
@@ -353,12 +403,12 @@ class LLMEngine:
             return
         length = n_out >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len
         text = seq.held_text + seq.detokenizer.push(token)
-        if length:
+        if length or grammar_done:
             text += seq.detokenizer.flush()
-        emit, hold, stopped = split_stream(text, stops, final=length)
+        emit, hold, stopped = split_stream(text, stops, final=length or grammar_done)
         seq.pending_text += emit
         seq.held_text = hold
-        if stopped:
+        if stopped or grammar_done:
             self._finish(seq, FinishReason.STOP)
         elif length:
             self._finish(seq, FinishReason.LENGTH)
@@ -387,6 +437,7 @@ class LLMEngine:
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.num_output_tokens,
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=self._take_prompt_logprobs(seq),
             metrics=RequestMetrics(
                 seq.request.arrival_time,
                 seq.first_token_time,
@@ -404,6 +455,15 @@ class LLMEngine:
         if finished:
             self.reply_tokens.record("".join(seq.sent_text), seq.reply_ids)
         return out
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+        """The prompt's logprobs, once, on the first output after they are complete."""
+        lps = seq.prompt_logprobs
+        if lps is None or seq.prompt_logprobs_sent or len(lps) < seq.prompt_len:
+            return None
+        seq.prompt_logprobs_sent = True
+        return lps
 
     # ---- introspection ----
     def get_stats(self) -> EngineStats:

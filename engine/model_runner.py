@@ -191,7 +191,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> Tensor:
-        """Run one step; returns fp32 logits [number of sampling rows, vocab] in batch order.
+        """Run one step; returns fp32 logits [number of sampling rows, vocab] in batch order,
+        followed by the rows of each item's `prompt_logprob_rows` (batch order; none unless a
+        sequence asked for prompt logprobs).
 
         Sequences with more than one new token go through the prefill path and single tokens
         through the batched decode path; the caller passes them in that order.
@@ -203,6 +205,7 @@ class ModelRunner:
         qsl = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        prompt_rows: list[int] = []
         num_prefills = 0
         width = 1
         for i, item in enumerate(batch):
@@ -220,6 +223,10 @@ class ModelRunner:
                 num_prefills = i + 1
             if end == seq.num_tokens:
                 sample_rows.append(qsl[-1] - 1)
+            first, count = item.prompt_logprob_rows
+            if count:
+                row0 = qsl[-2] + first - start
+                prompt_rows.extend(range(row0, row0 + count))
             nb = (end + bs - 1) // bs
             width = max(width, nb)
             self._tables[i, :nb] = table[:nb]
@@ -229,6 +236,7 @@ class ModelRunner:
             hidden = self.graphs.run(ids, positions, slots, seq_lens, self._tables, width)
         if hidden is None:
             hidden = self._forward(ids, positions, slots, qsl, seq_lens, num_prefills, width)
+        sample_rows += prompt_rows
         if not sample_rows:
             return hidden.new_empty((0, self.model.config.padded_vocab_size), dtype=torch.float32)
         rows = self._to(sample_rows, hidden.device)

@@ -2,7 +2,8 @@
 
 Order of operations: NaN/inf guard, ChatGLM repetition penalty (prompt + output tokens, as the
 seed's HF generate does), OpenAI presence/frequency penalties (output tokens only), OpenAI's
-logit_bias, min_tokens ban of stop tokens, then greedy rows take the argmax and the others temperature, top-k, top-p and
+logit_bias, min_tokens ban of stop tokens, the grammar mask of constrained rows (structured output, engine/guided.py;
+a grammar that can only end wins over the min_tokens ban), then greedy rows take the argmax and the others temperature, top-k, top-p and
 an inverse-CDF draw with one uniform number per row. Rows of a seeded request take that number
 from the request's own generator, so its tokens do not depend on the rest of the batch.
 Logprobs are those of the model's distribution (after the guard, before penalties/temperature).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from chatglm_serve.engine.guided import GrammarState, mask_logits
 from chatglm_serve.engine.types import SamplingParams
 
 
@@ -25,6 +27,7 @@ class SamplingRow:
     prompt_len: int
     generator: torch.Generator | None
     ban_ids: list[int]  # token ids that must not be chosen now (stop tokens before min_tokens)
+    guided: GrammarState | None = None  # the grammar this row's token must keep to
 
     @property
     def output_ids(self) -> list[int]:
@@ -80,7 +83,8 @@ class Sampler:
         raw = logits
         banned = [(i, t) for i, r in enumerate(rows) for t in r.ban_ids if 0 <= t < vocab]
         biased = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
-        if banned or biased or any(_penalized(r.params) for r in rows):
+        guided = [i for i, r in enumerate(rows) if r.guided is not None]
+        if banned or biased or guided or any(_penalized(r.params) for r in rows):
             logits = logits.clone()  # raw stays the model's distribution, for logprobs
             self._apply_penalties(logits, rows)
             if biased:
@@ -90,9 +94,18 @@ class Sampler:
                     torch.tensor(bi, dtype=logits.dtype, device=device),
                     accumulate=True,
                 )
+            if guided:  # after the bias: a bias never re-opens a token the grammar forbids
+                mask_logits(logits, guided, [rows[i].guided for i in guided])  # type: ignore[misc]
             if banned:
                 ri, ti = zip(*banned, strict=True)
+                before = logits[guided].clone() if guided else None
                 logits[list(ri), list(ti)] = float("-inf")
+                if before is not None:
+                    # a constrained row whose grammar allows only banned (stop) tokens ends
+                    dead = torch.isneginf(logits[guided]).all(dim=-1)
+                    if bool(dead.any()):
+                        g = torch.tensor(guided, device=device)[dead]
+                        logits[g] = before[dead]
                 logits = self.guard(logits)
 
         sampled_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]

@@ -30,6 +30,18 @@ class ScheduledSeq:
         """Whether this step computes the sequence's last token (so a new one is sampled)."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
+    @property
+    def prompt_logprob_rows(self) -> tuple[int, int]:
+        """(first position, count) of this chunk's rows whose logits score a prompt token the
+        sequence still needs a logprob for (engine/prompt_logprobs.py); count 0 = none."""
+        seq = self.seq
+        if not seq.wants_prompt_logprobs:
+            return 0, 0
+        start = seq.num_computed_tokens
+        first = max(start, len(seq.prompt_logprobs) - 1)  # type: ignore[arg-type]
+        last = min(start + self.num_new_tokens, seq.prompt_len - 1)
+        return first, max(0, last - first)
+
 
 @dataclass
 class SchedulerOutput:

@@ -70,6 +70,13 @@ class Sequence:
         self.pending_text = ""
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
+        # prompt logprobs collected so far (the first token's is None), or None when not asked
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if index == 0 and request.params.prompt_logprobs is not None else None
+        )
+        self.prompt_logprobs_sent = False
+        # the grammar its reply keeps to (engine/guided.py), None = free
+        self.guided = request.params.guided.new_state() if request.params.guided else None
 
     @property
     def request_id(self) -> str:
@@ -100,6 +107,11 @@ class Sequence:
         """The generated ids that spell the reply: the output without a final stop token."""
         ids = self.output_ids
         return ids[:-1] if self.ended_by_stop_token and ids else ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """It still lacks some prompt token's logprob (so it must compute, not reuse, K/V)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
 
     @property
     def is_finished(self) -> bool:

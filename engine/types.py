@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class FinishReason(str, Enum):
@@ -21,7 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    max_tokens: int | None = None  # None = up to the rest of the context
+    max_tokens: int | None = None  # None = up to the rest of the context; 0 = score the prompt
     min_tokens: int = 0  # vLLM extension: stop conditions ignored before this many tokens
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # on top of the model's eos
@@ -30,6 +31,12 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob + top-k
     # token id -> added to its logit before sampling (OpenAI's logit_bias, -100..100)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # None = off; k >= 0 = each prompt token's logprob (the first: None) + top-k, computed in
+    # the forward that prefills the prompt (engine/prompt_logprobs.py); sent with choice 0
+    prompt_logprobs: int | None = None
+    # a compiled grammar the reply must match (engine/guided.py, AsyncEngine.compile_grammar);
+    # None = free text
+    guided: Any = None
 
 
 class EngineError(Exception):
@@ -104,6 +111,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far for this choice
     logprobs: list[TokenLogprob] | None = None  # for the new tokens, when asked
+    # the prompt's tokens (the first None: nothing predicts it), on choice 0's first output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None  # on the last output of each index
 
 

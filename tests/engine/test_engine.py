@@ -430,7 +430,7 @@ def test_requests_are_validated(model, tokenizer, corpus):
         dict(temperature=-1),
         dict(top_p=0),
         dict(n=0),
-        dict(max_tokens=0),
+        dict(max_tokens=-1),  # 0 is valid: score the prompt only
         dict(logprobs=99),
         dict(repetition_penalty=0),
         dict(presence_penalty=3),
