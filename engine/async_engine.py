@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatglm_serve.engine.config import EngineArgs, EngineConfig
-from chatglm_serve.engine.guided import CompiledGrammar, GuidedSpec
+from chatglm_serve.engine.guided import CompiledGrammar
 from chatglm_serve.engine.llm_engine import LLMEngine
 from chatglm_serve.engine.types import (
     EngineError,
     EngineOverloadedError,
     EngineStats,
+    GuidedSpec,
     RequestOutput,
     SamplingParams,
 )
@@ -193,6 +194,10 @@ class AsyncEngine:
         """A chat prompt's ids, the history's replies generated here spliced in as their ids
         (LLMEngine.encode_chat; safe to call from any thread)."""
         return self.engine.encode_chat(query, history)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's display text, as logprobs show it (safe from any thread)."""
+        return self.engine.token_text(token_id)
 
     async def compile_grammar(self, spec: GuidedSpec) -> CompiledGrammar:
         """A structured-output constraint for SamplingParams.guided, compiled once per spec on a

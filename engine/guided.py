@@ -18,40 +18,15 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import llguidance as llg
 import torch
 from torch import Tensor
 
-from chatglm_serve.engine.types import EngineError
+from chatglm_serve.engine.types import GrammarError, GuidedSpec
 
 log = logging.getLogger(__name__)
-
-KINDS = ("json", "regex", "choice")
-
-
-@dataclass(frozen=True)
-class GuidedSpec:
-    """What a reply must match. kind "json": `source` is a JSON schema as JSON text; "regex": a
-    regular expression; "choice": a JSON list of the allowed strings. `param` names the request
-    field it came from, for the 400 when it cannot be compiled (not part of the cache key)."""
-
-    kind: str
-    source: str
-    param: str = "response_format"
-
-    def key(self) -> tuple[str, str]:
-        return (self.kind, self.source)
-
-
-class GrammarError(EngineError):
-    """A constraint the library cannot compile: the client's error (400), with the reason."""
-
-    def __init__(self, message: str, param: str = "response_format") -> None:
-        super().__init__(message, code="invalid_grammar", param=param)
-
 
 # JSON written on one line with the usual separators, no free whitespace: a model cannot wander
 # off into endless blank space (a known failure of JSON modes), and `json.loads` reads it all.
@@ -173,9 +148,7 @@ class GrammarCompiler:
         """The library's grammar for a spec (GrammarError when the spec itself is malformed)."""
         if spec.kind == "json":
             try:
-                return llg.LLMatcher.grammar_from_json_schema(
-                    spec.source, overrides=_JSON_OPTIONS
-                )
+                return llg.LLMatcher.grammar_from_json_schema(spec.source, overrides=_JSON_OPTIONS)
             except ValueError as e:
                 raise GrammarError(f"invalid JSON schema: {e}", spec.param) from None
         if spec.kind == "regex":
@@ -195,7 +168,9 @@ class GrammarCompiler:
         grammar = self.grammar_text(spec)
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
-            raise GrammarError(f"cannot compile the {spec.kind} constraint: {messages[0]}", spec.param)
+            raise GrammarError(
+                f"cannot compile the {spec.kind} constraint: {messages[0]}", spec.param
+            )
         template = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if template.is_error():
             raise GrammarError(

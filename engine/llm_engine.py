@@ -35,6 +35,7 @@ from chatglm_serve.engine.types import (
     EngineOverloadedError,
     EngineStats,
     FinishReason,
+    GuidedSpec,
     PromptTooLongError,
     RequestMetrics,
     RequestOutput,
@@ -359,6 +360,10 @@ class LLMEngine:
         if seq.num_output_tokens < p.min_tokens:
             ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
         return SamplingRow(p, seq.token_ids, seq.prompt_len, seq.generator, ban, seq.guided)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's display text for logprobs (thread-safe)."""
+        return self._text_of(token_id)
 
     def _text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -69,6 +69,27 @@ class EngineOverloadedError(EngineError):
         self.retry_after = retry_after
 
 
+@dataclass(frozen=True)
+class GuidedSpec:
+    """What a reply must match. kind "json": `source` is a JSON schema as JSON text; "regex": a
+    regular expression; "choice": a JSON list of the allowed strings. `param` names the request
+    field it came from, for the 400 when it cannot be compiled (not part of the cache key)."""
+
+    kind: str
+    source: str
+    param: str = "response_format"
+
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.source)
+
+
+class GrammarError(EngineError):
+    """A constraint the library cannot compile: the client's error (400), with the reason."""
+
+    def __init__(self, message: str, param: str = "response_format") -> None:
+        super().__init__(message, code="invalid_grammar", param=param)
+
+
 @dataclass
 class TokenLogprob:
     token_id: int

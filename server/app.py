@@ -21,6 +21,7 @@ from chatglm_serve.server.middleware import (
     JsonBodyMiddleware,
     RequestContextMiddleware,
 )
+from chatglm_serve.server.routes_completions import build_completions_router
 from chatglm_serve.server.routes_legacy import build_legacy_router
 from chatglm_serve.server.routes_openai import build_openai_router
 from chatglm_serve.server.routes_web import index_response, make_web_router
@@ -127,6 +128,7 @@ def create_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(build_openai_router(state, metrics, auth))
+    app.include_router(build_completions_router(state, metrics, auth))
     app.include_router(build_legacy_router(state, auth))
 
     @app.get("/health", tags=["ops"])

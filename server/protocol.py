@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from chatglm_serve.server.structured import GuidedFields
+
 # --- requests -----------------------------------------------------------------------------------
 
 
@@ -106,7 +108,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(GuidedFields):  # + response_format (server/structured.py)
     model_config = ConfigDict(extra="ignore")
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]

@@ -38,6 +38,7 @@ from chatglm_serve.server.protocol import (
 )
 from chatglm_serve.server.settings import Settings
 from chatglm_serve.server.state import ServerState
+from chatglm_serve.server.structured import compile_constraint
 from chatglm_serve.server.tools import PassThrough, ReplyParser, ToolCall
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def answer_name(settings: Settings, asked: str | None) -> str:
+    """The model name a response carries (404 for an unknown one when the names are strict)."""
+    if settings.strict_model_name and asked not in settings.model_names():
+        raise APIError(
+            404,
+            f"The model {asked!r} does not exist; this server serves "
+            f"{', '.join(map(repr, settings.model_names()))}.",
+            code="model_not_found",
+            param="model",
+        )
+    return settings.served_model_name
+
+
 def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
     """A prompt must leave room for at least one reply token; else 400 naming both numbers."""
     if prompt_tokens >= max_model_len:
@@ -61,8 +75,10 @@ def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
 
 
 def sampling_params(
-    body: ChatCompletionRequest, prompt_tokens: int, settings: Settings | None = None
+    body: ChatCompletionRequest | Any, prompt_tokens: int, settings: Settings | None = None
 ) -> SamplingParams:
+    """Chat's sampling parameters (a completion request has the same fields, by the same names).
+    With settings, a request that sets no limit gets --default-max-tokens."""
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     top_p = DEFAULT_TOP_P if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus of probability 0 = only the top token
@@ -139,17 +155,6 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     settings = state.settings
     router = APIRouter(dependencies=[Depends(auth)], responses=_ERRORS)
 
-    def answer_name(asked: str | None) -> str:
-        if settings.strict_model_name and asked not in settings.model_names():
-            raise APIError(
-                404,
-                f"The model {asked!r} does not exist; this server serves "
-                f"{', '.join(map(repr, settings.model_names()))}.",
-                code="model_not_found",
-                param="model",
-            )
-        return settings.served_model_name
-
     def card(name: str) -> ModelCard:
         engine = state.engine
         if engine is None:
@@ -183,7 +188,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = state.ready_engine()
-        model = answer_name(body.model)
+        model = answer_name(settings, body.model)
         fmt = engine.chat_format
         if not fmt.supports_tools:  # ChatGLM2: the seed's (query, history) prompt
             check_tools_supported(body, fmt.name)
@@ -196,6 +201,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
             parser = partial(ReplyParser, fmt.name, rp.tools, rp.forced, fmt.segment_token_id)
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
         params = sampling_params(body, len(prompt_ids), settings)
+        params.guided = await compile_constraint(engine, body)
         cid = completion_id()
         log.info(
             "%s %s: %d prompt tokens, n=%d, max_tokens=%s, stream=%s",

@@ -32,9 +32,7 @@ def prompt(tokenizer, text: str) -> list[int]:
 
 @pytest.mark.parametrize("chunk", [256, 7])  # one prefill, and chunked prefill
 def test_prompt_logprobs_match_transformers(model, tokenizer, reference, chunk):
-    engine = make_engine(
-        model, tokenizer, max_num_batched_tokens=max(chunk, 16), max_num_seqs=16
-    )
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=max(chunk, 16), max_num_seqs=16)
     if chunk < 16:
         engine.scheduler.config = dataclasses.replace(engine.config, max_num_batched_tokens=chunk)
     ids = prompt(tokenizer, "the quick brown fox jumps over the lazy dog again and again")
@@ -45,7 +43,9 @@ def test_prompt_logprobs_match_transformers(model, tokenizer, reference, chunk):
     assert len(lps) == len(ids) and lps[0] is None
     assert [lp.token_id for lp in lps[1:]] == ids[1:]
     ours = torch.tensor([lp.logprob for lp in lps[1:]])
-    torch.testing.assert_close(ours, reference_logprobs(reference, ids, tokenizer.vocab_size), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ours, reference_logprobs(reference, ids, tokenizer.vocab_size), atol=1e-4, rtol=0
+    )
     for lp in lps[1:]:
         assert len(lp.top) == 3
         assert lp.top[0][2] >= lp.logprob - 1e-6  # the best is at least the actual token's
@@ -61,7 +61,9 @@ def test_cached_prefix_is_recomputed_for_prompt_logprobs(model, tokenizer, refer
     res = run(engine, [("b", ids, SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=0))])
     lps = next(o.prompt_logprobs for o in res[("b", 0)].outputs if o.prompt_logprobs)
     ours = torch.tensor([lp.logprob for lp in lps[1:]])
-    torch.testing.assert_close(ours, reference_logprobs(reference, ids, tokenizer.vocab_size), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ours, reference_logprobs(reference, ids, tokenizer.vocab_size), atol=1e-4, rtol=0
+    )
     # a request without prompt logprobs still takes the prefix from the cache
     before = engine.get_stats().prompt_tokens_cached
     run(engine, [("c", ids, SamplingParams(temperature=0, max_tokens=1))])
@@ -82,7 +84,9 @@ def test_prompt_logprobs_beside_other_requests_and_generation(model, tokenizer, 
     assert len(sent) == 1  # once, on choice 0
     assert all(o.prompt_logprobs is None for o in res[("s", 1)].outputs)
     ours = torch.tensor([lp.logprob for lp in sent[0][1:]])
-    torch.testing.assert_close(ours, reference_logprobs(reference, ids, tokenizer.vocab_size), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ours, reference_logprobs(reference, ids, tokenizer.vocab_size), atol=1e-4, rtol=0
+    )
     assert_idle(engine)
 
 
