@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import llguidance as llg
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -196,13 +197,26 @@ def mask_logits(logits: Tensor, rows: list[int], states: list[GrammarState]) -> 
     owner.executor.unsafe_compute_mask_ptr(
         [(s.matcher, j) for j, s in enumerate(states)], bitmask.data_ptr(), words * 4, len(rows)
     )
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    # bit j of word w allows token 32w + j
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)
-    allowed = allowed[:, : logits.shape[1]].bool()
-    if allowed.shape[1] < logits.shape[1]:  # rows past the grammar's vocabulary: never
-        pad = logits.shape[1] - allowed.shape[1]
-        allowed = torch.cat([allowed, allowed.new_zeros((len(rows), pad))], dim=1)
-    idx = torch.tensor(rows, device=logits.device)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    allowed = _unpack(bitmask, logits.shape[1], logits.device)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        idx = torch.tensor(rows, device=logits.device)
+        logits[idx] = logits[idx].masked_fill_(~allowed, float("-inf"))
+
+
+def _unpack(bitmask: Tensor, width: int, device: torch.device) -> Tensor:
+    """int32 bitmask [R, W] (bit j of word w allows token 32w + j) -> bool [R, width] on device;
+    tokens past the bitmask's words are refused."""
+    rows, words = bitmask.shape
+    if device.type == "cpu":  # numpy's unpackbits: one C loop, little-endian words
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        allowed = torch.from_numpy(bits).bool()
+    else:
+        gpu = bitmask.to(device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        allowed = ((gpu.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1).bool()
+    if allowed.shape[1] < width:
+        pad = allowed.new_zeros((rows, width - allowed.shape[1]))
+        allowed = torch.cat([allowed, pad], dim=1)
+    return allowed[:, :width]
