@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 
 # JSON written on one line with the usual separators, no free whitespace: a model cannot wander
 # off into endless blank space (a known failure of JSON modes), and `json.loads` reads it all.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# oneOf is enforced as anyOf (pydantic's unions are written as oneOf; exclusivity cannot be
+# decided token by token). Keywords the library does not implement (if/then, ...) are refused
+# with its reason rather than ignored, so a reply never silently breaks its schema.
+_JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "coerce_one_of": True,
+}
 
 
 def vocab_bytes(tokenizer: Any, vocab_size: int) -> list[bytes | None]:
