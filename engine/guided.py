@@ -174,17 +174,22 @@ class GrammarCompiler:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        grammar = self.grammar_text(spec)
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-        if is_error:
-            raise GrammarError(
-                f"cannot compile the {spec.kind} constraint: {messages[0]}", spec.param
+        try:
+            grammar = self.grammar_text(spec)
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+                grammar, self.tokenizer
             )
-        template = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if template.is_error():
-            raise GrammarError(
-                f"cannot compile the {spec.kind} constraint: {template.get_error()}", spec.param
-            )
+            reason = messages[0] if is_error else ""
+            template = None if is_error else llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+            if template is not None and template.is_error():
+                reason = template.get_error()
+        except GrammarError:
+            raise
+        except Exception as e:  # whatever a client's schema makes the library raise: its error
+            reason = f"{type(e).__name__}: {e}"
+        if reason:
+            raise GrammarError(f"cannot compile the {spec.kind} constraint: {reason}", spec.param)
+        assert template is not None
         compiled = CompiledGrammar(template, spec, self)
         with self._lock:
             self.compiled += 1
