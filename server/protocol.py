@@ -108,7 +108,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(GuidedFields):  # + response_format (server/structured.py)
+class SamplingExtras(BaseModel):
+    """Fields chat and completion requests share: stop strings and vLLM's sampling extensions."""
+
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    # vLLM extensions
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+
+# + response_format (server/structured.py), stop and vLLM's extras (SamplingExtras)
+class ChatCompletionRequest(GuidedFields, SamplingExtras):
     model_config = ConfigDict(extra="ignore")
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -119,7 +138,6 @@ class ChatCompletionRequest(GuidedFields):  # + response_format (server/structur
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     # The seed's openai_api.py took max_length (prompt + reply); kept for its clients.
     max_length: Annotated[int, Field(ge=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -131,12 +149,6 @@ class ChatCompletionRequest(GuidedFields):  # + response_format (server/structur
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # vLLM extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
     # tool calls (ChatGLM3, GLM-4): server/chat_turns.py and server/tools.py
     tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -146,12 +158,6 @@ class ChatCompletionRequest(GuidedFields):  # + response_format (server/structur
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        return [s for s in stops if s]
 
     def reply_budget(self) -> int | None:
         """The asked reply length limit (max_completion_tokens wins over max_tokens)."""

@@ -7,13 +7,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from chatglm_serve.server.protocol import ChatMessage, StreamOptions, _encodable
+from chatglm_serve.server.protocol import ChatMessage, SamplingExtras, StreamOptions, _encodable
 from chatglm_serve.server.structured import GuidedFields
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(GuidedFields):
+class CompletionRequest(GuidedFields, SamplingExtras):
     model_config = ConfigDict(extra="ignore")
 
     # a string, several strings, token ids, or several lists of token ids (one choice set each)
@@ -34,17 +34,11 @@ class CompletionRequest(GuidedFields):
     stream_options: StreamOptions | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     user: str | None = None
-    # vLLM extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    # vLLM extensions (and those of SamplingExtras)
     add_special_tokens: bool = True  # ChatGLM's `[gMASK] sop` in front of a text prompt
     return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:<id>"
 
@@ -82,12 +76,6 @@ class CompletionRequest(GuidedFields):
         if p and isinstance(p[0], int):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        return [s for s in stops if s]
 
     def reply_budget(self) -> int | None:
         return self.max_tokens

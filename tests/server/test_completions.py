@@ -152,54 +152,25 @@ async def test_streaming_equals_non_streaming_under_greedy(client, prompts):
 
 
 async def test_sampling_parameters_and_stop(client):
-    r = await client.post(
-        "/v1/completions",
-        json={
-            "prompt": "hello",
-            "max_tokens": 30,
-            "seed": 7,
-            "temperature": 1.0,
-            "top_k": 5,
-            "presence_penalty": 0.5,
-            "frequency_penalty": 0.5,
-            "min_tokens": 3,
-            "ignore_eos": True,
-        },
-    )
+    body = {
+        "prompt": "hello",
+        "max_tokens": 30,
+        "seed": 7,
+        "temperature": 1.0,
+        "top_k": 5,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "min_tokens": 3,
+        "ignore_eos": True,
+    }
+    r = await client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     first = r.json()["choices"][0]["text"]
-    r = await client.post(
-        "/v1/completions",
-        json={
-            "prompt": "hello",
-            "max_tokens": 30,
-            "seed": 7,
-            "temperature": 1.0,
-            "top_k": 5,
-            "presence_penalty": 0.5,
-            "frequency_penalty": 0.5,
-            "min_tokens": 3,
-            "ignore_eos": True,
-        },
-    )
+    r = await client.post("/v1/completions", json=body)
     assert r.json()["choices"][0]["text"] == first  # seeded: the same reply
     assert len(first) > 3
     stop = first[len(first) // 2 :][:2]
-    r = await client.post(
-        "/v1/completions",
-        json={
-            "prompt": "hello",
-            "max_tokens": 30,
-            "seed": 7,
-            "temperature": 1.0,
-            "top_k": 5,
-            "presence_penalty": 0.5,
-            "frequency_penalty": 0.5,
-            "min_tokens": 3,
-            "ignore_eos": True,
-            "stop": [stop],
-        },
-    )
+    r = await client.post("/v1/completions", json={**body, "stop": [stop]})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and stop not in choice["text"]
     assert first.startswith(choice["text"])
