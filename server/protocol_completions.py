@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from chatglm_serve.server.protocol import ChatMessage, SamplingExtras, StreamOptions, _encodable
 from chatglm_serve.server.structured import GuidedFields
@@ -63,11 +63,12 @@ class CompletionRequest(GuidedFields, SamplingExtras):
             raise ValueError("not supported (ChatGLM has no fill-in-the-middle)")
         return v
 
-    @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("only best_of == n is supported")
+        return v
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

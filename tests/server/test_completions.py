@@ -180,6 +180,7 @@ async def test_sampling_parameters_and_stop(client):
     ("body", "param"),
     [
         ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": []}, "prompt"),
