@@ -67,6 +67,8 @@ def _activation_reserve(model: ChatGLMForCausalLM, config: EngineConfig, max_len
     t = config.max_num_batched_tokens
     hidden = t * (6 * c.hidden_size + 3 * c.ffn_hidden_size + c.qkv_out_features) * elem
     logits = config.max_num_seqs * c.padded_vocab_size * 4 * 4  # logits + sampler copies, fp32
+    # a prefill chunk's rows when its prompt logprobs are asked (engine/prompt_logprobs.py)
+    logits += config.max_num_batched_tokens * c.padded_vocab_size * 4
     # decode attention gathers each sequence's whole context (K and V) per layer
     gather = config.max_num_seqs * max_len * 2 * c.num_kv_heads * c.head_dim * elem * 2
     return hidden + logits + gather + (256 << 20)
