@@ -51,9 +51,11 @@ async def test_loglikelihood_of_a_continuation_matches_transformers(
         lp = r.json()["choices"][0]["logprobs"]
         assert len(lp["token_logprobs"]) == len(ids) + max_tokens
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = reference_logprobs(reference, tokenizer, ids)
+        assert lp["token_logprobs"][1 : len(ids)] == [pytest.approx(v, abs=1e-4) for v in ref]
         ours = sum(lp["token_logprobs"][len(context) : len(ids)])
-        theirs = sum(reference_logprobs(reference, tokenizer, ids)[len(context) - 1 :])
-        assert abs(ours - theirs) <= 1e-4 * len(continuation)
+        theirs = sum(ref[len(context) - 1 :])
+        assert abs(ours - theirs) <= 1e-4
         assert abs(ours) > 1.0  # a real score, not zeros
         for tok_lp, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
             assert tok_lp <= max(top.values()) + 1e-6  # the top-1 is in the dict
