@@ -124,7 +124,7 @@ class SyntheticVocab:
 
 def bench_llguidance(tok, vocab: int, steps: int, rows: int) -> tuple[int, float, float]:
     t = time.perf_counter()
-    gc = GrammarCompiler(tok, vocab, 2)
+    gc = GrammarCompiler(tok, vocab, [2])
     grammars = []
     for s in SCHEMAS:
         try:

@@ -196,6 +196,10 @@ class Glm4Tokenizer:
 
     # -- vocabulary ------------------------------------------------------------------------
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's exact bytes (what a grammar matches; engine/guided.py)."""
+        return self._enc.decode_single_token_bytes(token_id)
+
     def id_to_piece(self, token_id: int) -> str:
         if token_id in self._names:
             return self._names[token_id]

@@ -31,12 +31,13 @@ from chatglm_serve.engine.types import (
     TokenLogprob,
 )
 from chatglm_serve.server.auth import ApiKeyAuth
+from chatglm_serve.server.chat_turns import role_prompt
 from chatglm_serve.server.errors import APIError, from_engine_error
 from chatglm_serve.server.generation import ClientDisconnected, EngineStream, until_disconnect
 from chatglm_serve.server.metrics import Metrics
 from chatglm_serve.server.middleware import request_id
 from chatglm_serve.server.prompt import messages_to_chat
-from chatglm_serve.server.protocol import now
+from chatglm_serve.server.protocol import ChatCompletionRequest, now
 from chatglm_serve.server.protocol_completions import (
     CompletionRequest,
     DetokenizeRequest,
@@ -134,9 +135,15 @@ def build_completions_router(state: ServerState, metrics: Metrics, auth: ApiKeyA
         engine = state.ready_engine()
         answer_name(settings, body.model)
         tok = engine.tokenizer
-        if body.messages is not None:
-            query, history = messages_to_chat(body.messages)
-            ids = tok.encode_chat(query, history)  # the chat template (its own special tokens)
+        if body.messages is not None:  # the prompt chat completions would build
+            chat = ChatCompletionRequest(messages=body.messages)
+            fmt = engine.chat_format
+            if not fmt.supports_tools:  # ChatGLM2: the seed's (query, history) prompt
+                query, history = messages_to_chat(chat.messages)
+                ids = engine.encode_chat(query, history)
+            else:  # ChatGLM3 / GLM-4: role turns
+                rp = role_prompt(chat, fmt)
+                ids = fmt.encode_turns(rp.turns, rp.reply_prefix)
         else:
             ids = tok.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(
