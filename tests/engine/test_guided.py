@@ -60,3 +60,24 @@ def test_compiled_once_per_spec_and_bad_specs_refused(model, tokenizer):
         engine.compile_grammar(GuidedSpec("regex", "(", param="guided_regex"))
     with pytest.raises(Exception, match="guided"):
         engine.add_request("x", [5, 6], SamplingParams(guided="not compiled"))
+
+
+@pytest.mark.parametrize("family", ["glm4", "chatglm3"])
+def test_json_schema_on_the_other_families(tmp_path, family):
+    """GLM-4's tiktoken vocabulary (exact token bytes) and ChatGLM3's extra stop tokens."""
+    from chatglm_serve.model.loader import load_model_and_tokenizer
+    from tests.glm_family import write_member
+
+    path, _ = write_member(tmp_path / family, family, seed=5, seq_length=512)
+    model, tok = load_model_and_tokenizer(path, dtype="float32")
+    engine = make_engine(model, tok)
+    grammar = engine.compile_grammar(GuidedSpec("json", json.dumps(SCHEMA)))
+    prompt = tok.encode("json please")
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=60, guided=grammar, n=4)
+    res = run(engine, [("j", prompt, params)])
+    for i in range(4):
+        r = res[("j", i)]
+        assert r.finish_reason is FinishReason.STOP, r.text
+        value = json.loads(r.text)
+        assert set(value) == {"n", "b"} and isinstance(value["b"], bool)
+    assert_idle(engine)
