@@ -21,8 +21,8 @@ import torch
 
 from chatglm_serve.engine.block_manager import BlockManager
 from chatglm_serve.engine.config import EngineConfig
+from chatglm_serve.engine.guided import CompiledGrammar, GrammarCompiler
 from chatglm_serve.engine.kernel_warmup import BackgroundKernelBuild
-from chatglm_serve.engine.guided import CompiledGrammar, GrammarCompiler, GuidedSpec
 from chatglm_serve.engine.model_runner import ModelRunner, plan_kv_cache
 from chatglm_serve.engine.prompt_logprobs import score_rows
 from chatglm_serve.engine.reply_tokens import ReplyTokenMap

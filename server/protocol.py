@@ -109,9 +109,12 @@ class StreamOptions(BaseModel):
 
 
 class SamplingExtras(BaseModel):
-    """Fields chat and completion requests share: stop strings and vLLM's sampling extensions."""
+    """Fields chat and completion requests share: stop strings, logit_bias and vLLM's
+    sampling extensions."""
 
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    # token id (a JSON string key) -> bias added to its logit before sampling, as OpenAI's
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     # vLLM extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
@@ -144,8 +147,6 @@ class ChatCompletionRequest(GuidedFields, SamplingExtras):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    # token id (a JSON string key) -> bias added to its logit before sampling, as OpenAI's
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
