@@ -255,7 +255,7 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         log_config=None,  # ours (configure_logging) for every logger
         access_log=False,  # RequestContextMiddleware logs each request with its id
-        timeout_graceful_shutdown=settings.shutdown_timeout + 5,
+        timeout_graceful_shutdown=settings.stream_grace() + 2,  # after the streams' own end
         lifespan="on",
     )
     server = Server(config)

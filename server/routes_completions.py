@@ -120,7 +120,7 @@ def build_completions_router(state: ServerState, metrics: Metrics, auth: ApiKeyA
                 reply.events(streams),
                 sep="\n",
                 send_timeout=60,
-                shutdown_grace_period=settings.shutdown_timeout,
+                shutdown_grace_period=settings.stream_grace(),
             )
         try:
             completion = await until_disconnect(request, reply.complete(streams))

@@ -231,7 +231,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
                 events,
                 sep="\n",
                 send_timeout=60,
-                shutdown_grace_period=settings.shutdown_timeout,
+                shutdown_grace_period=settings.stream_grace(),
             )
         try:
             completion = await until_disconnect(

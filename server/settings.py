@@ -244,6 +244,12 @@ class Settings(BaseSettings):
         one place default_max_tokens applies, for every route and the terminal chat."""
         return self.default_max_tokens if asked is None else asked
 
+    def stream_grace(self) -> float:
+        """How long an SSE stream may run on after SIGTERM before it is cut. The engine's drain
+        ends every stream at shutdown_timeout (finish_reason "abort", then [DONE]); the margin
+        lets that ending reach the client first (the drain waits up to 2 s for its aborts)."""
+        return self.shutdown_timeout + 3.0
+
     def api_key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]
 
