@@ -45,6 +45,7 @@ class BlockManager:
         self.block_partial: list[tuple[int | None, tuple[int, ...]] | None] = [None] * num_blocks
         self.free_plain: deque[int] = deque(range(num_blocks))  # unregistered, unreferenced
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; LRU
+        self.pinned: list[int] = []  # held for good (P-Tuning v2 prefixes), never in a table
         # counters
         self.cache_hit_blocks = 0
         self.cache_queried_blocks = 0
@@ -68,18 +69,21 @@ class BlockManager:
             return b
         return None
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(
+        self, token_ids: list[int], seed: int | None = None
+    ) -> tuple[list[int], list[int]]:
         """Cached blocks (and their hashes) covering the longest cached prefix of token_ids.
 
         At least the last token is always left uncached: its logits are needed to sample, and it
-        must be written into a block of the sequence's own, never into a shared one.
+        must be written into a block of the sequence's own, never into a shared one. `seed`
+        starts the hash chain: sequences of different adapters never share blocks.
         """
         if not self.enable_prefix_caching:
             return [], []
         bs = self.block_size
         blocks: list[int] = []
         hashes: list[int] = []
-        prev: int | None = None
+        prev: int | None = seed
         for j in range((len(token_ids) - 1) // bs):
             tokens = tuple(token_ids[j * bs : (j + 1) * bs])
             h = chain_hash(prev, tokens)
@@ -91,13 +95,15 @@ class BlockManager:
             prev = h
         return blocks, hashes
 
-    def match_partial(self, token_ids: list[int], hashes: list[int]) -> tuple[int, int] | None:
+    def match_partial(
+        self, token_ids: list[int], hashes: list[int], seed: int | None = None
+    ) -> tuple[int, int] | None:
         """(block, tokens) of a freed partly filled block to take over after the full blocks
         `match_prefix` found (their hashes given): the one sharing the most tokens with what
         follows them, never reaching the last token. None when no such block shares any."""
         if not self.enable_prefix_caching:
             return None
-        candidates = self.partial.get(hashes[-1] if hashes else None)
+        candidates = self.partial.get(hashes[-1] if hashes else seed)
         if not candidates:
             return None
         start = len(hashes) * self.block_size
@@ -124,7 +130,7 @@ class BlockManager:
         b = seq.block_table[j]
         if self.ref_counts[b] != 1 or self.block_hash[b] is not None:
             return
-        parent = seq.block_hashes[-1] if j else None
+        parent = seq.block_hashes[-1] if j else seq.hash_seed
         tokens = tuple(seq.token_ids[j * bs : j * bs + k])
         entries = self.partial.setdefault(parent, {})
         if tokens not in entries:  # else the same tokens are remembered already
@@ -148,7 +154,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        prev = seq.block_hashes[-1] if seq.block_hashes else None
+        prev = seq.block_hashes[-1] if seq.block_hashes else seq.hash_seed
         for j in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[j * bs : (j + 1) * bs])
             h = chain_hash(prev, tokens)
@@ -184,8 +190,8 @@ class BlockManager:
         if seq.wants_prompt_logprobs:
             # cached blocks hold K/V but not the logits its prompt logprobs need: recompute
             return [], [], None
-        blocks, hashes = self.match_prefix(seq.token_ids)
-        return blocks, hashes, self.match_partial(seq.token_ids, hashes)
+        blocks, hashes = self.match_prefix(seq.token_ids, seq.hash_seed)
+        return blocks, hashes, self.match_partial(seq.token_ids, hashes, seq.hash_seed)
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         blocks, _, partial = self._match(seq)
@@ -220,6 +226,14 @@ class BlockManager:
             self.cache_queried_blocks += (seq.num_tokens - 1) // self.block_size
             self.cache_hit_blocks += len(blocks)
         return True
+
+    def pin(self, n: int) -> list[int]:
+        """Take n blocks out of circulation for good (shared prefixes computed once)."""
+        if n > len(self.free_plain) + len(self.free_cached):
+            raise RuntimeError(f"cannot pin {n} KV blocks: only {self.num_free_blocks} are free")
+        blocks = [self._pop_free() for _ in range(n)]
+        self.pinned += blocks
+        return blocks
 
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_for(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks

@@ -39,6 +39,14 @@ class EngineConfig:
     # decode-only steps replayed from CUDA graphs per batch bucket (engine/cuda_graphs.py); used
     # only when the whole model sits on one CUDA device without tensor parallel
     cuda_graphs: bool = True
+    # fine-tunes served beside the base (engine/adapters.py): name -> directory of a PEFT LoRA
+    # adapter or a P-Tuning v2 checkpoint (told apart by their files); a request selects one by
+    # its model name. LoRA memory is preallocated for max_loras adapters of rank <= max_lora_rank.
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    # a P-Tuning v2 checkpoint every request that names no adapter is served with
+    ptuning_checkpoint: str | None = None
 
     def validate(self) -> None:
         def refuse(name: str, why: str) -> None:
@@ -65,6 +73,10 @@ class EngineConfig:
             refuse("reply_token_cache_size", "must be >= 0")
         if self.num_threads is not None and self.num_threads < 1:
             refuse("num_threads", "must be >= 1")
+        if self.max_loras < 1:
+            refuse("max_loras", "must be >= 1")
+        if self.max_lora_rank < 1:
+            refuse("max_lora_rank", "must be >= 1")
 
 
 @dataclass
@@ -100,4 +112,8 @@ class EngineArgs:
             )
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and (
+            self.engine.adapters or self.engine.ptuning_checkpoint
+        ):
+            raise ValueError("LoRA / P-Tuning v2 adapters are not served under tensor parallel")
         self.engine.validate()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from chatglm_serve.engine.adapters import AdapterInfo, AdapterRegistry, adapter_kind
 from chatglm_serve.engine.block_manager import BlockManager
 from chatglm_serve.engine.config import EngineConfig
 from chatglm_serve.engine.guided import CompiledGrammar, GrammarCompiler
@@ -44,6 +45,8 @@ from chatglm_serve.engine.types import (
 )
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.family import chat_format_of
+from chatglm_serve.model.lora import AdapterError
+from chatglm_serve.model.ptuning import PrefixKV, read_ptuning
 from chatglm_serve.model.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -92,9 +95,28 @@ class LLMEngine:
             self.kv_plan.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.block_manager)
+        # adapters are read (and refused, naming them) before the runner sizes its block tables
+        self.adapters = AdapterRegistry(model, config.max_loras, config.max_lora_rank)
+        read = [self.adapters.read(name, path) for name, path in config.adapters.items()]
+        default = None
+        if config.ptuning_checkpoint:
+            default = read_ptuning("(base)", config.ptuning_checkpoint, model.config)
+        prefix_lens = [x.pre_seq_len for x in [*read, default] if isinstance(x, PrefixKV)]
+        bs = config.block_size
         self.runner = ModelRunner(
-            model, config, self.kv_plan, self.max_model_len, optimize_cpu=kernel_build is None
+            model,
+            config,
+            self.kv_plan,
+            self.max_model_len,
+            prefix_blocks=max(((p + bs - 1) // bs for p in prefix_lens), default=0),
+            optimize_cpu=kernel_build is None,
         )
+        self.adapters.attach(self.runner.kv_caches, self.block_manager)
+        for item in read:
+            self.adapters.install(item)
+        if default is not None:
+            self.adapters.set_default_ptuning(default)
+        self.runner.lora = self.adapters.lora
         # padded rows of the output layer past the tokenizer's vocabulary are never sampled
         tok_vocab = getattr(tokenizer, "vocab_size", None) or model.config.padded_vocab_size
         self.vocab_size = min(tok_vocab, model.config.padded_vocab_size)
@@ -170,6 +192,29 @@ class LLMEngine:
                 )
         return self._grammars.compile(spec)
 
+    # ---- adapters ----
+    def adapter_infos(self) -> list[AdapterInfo]:
+        return self.adapters.infos()
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter at run time; EngineError (param "lora_path") when it is bad."""
+        try:
+            if adapter_kind(path) != "lora":
+                raise AdapterError(f"{path}: only LoRA adapters can be loaded at run time")
+            self.adapters.add(name, path)
+        except AdapterError as e:
+            raise EngineError(str(e), param="lora_path") from None
+        self.runner.lora = self.adapters.lora
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter no request is using; EngineError (param "lora_name") else."""
+        if any(r.adapter is not None and r.adapter.name == name for r in self.requests.values()):
+            raise EngineError(f"adapter {name!r} is in use by running requests", param="lora_name")
+        try:
+            self.adapters.remove(name)
+        except AdapterError as e:
+            raise EngineError(str(e), param="lora_name") from None
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a request without changing any state; returns normalised params."""
         if not isinstance(params, SamplingParams):
@@ -239,7 +284,15 @@ class LLMEngine:
         slots, it would be refused (429) by an idle engine."""
         return self.config.max_queue + max(0, self.config.max_num_seqs - running)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> None:
+        """adapter: the name of a loaded LoRA / P-Tuning v2 adapter; None or another name = the
+        base model (the server decides which names reach here)."""
         params = self.validate(prompt_ids, params)
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
@@ -247,7 +300,9 @@ class LLMEngine:
             raise EngineOverloadedError()
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        req = Request(request_id, list(prompt_ids), params, max_tokens)
+        req = Request(
+            request_id, list(prompt_ids), params, max_tokens, adapter=self.adapters.resolve(adapter)
+        )
         for i in range(params.n):
             gen = None
             if params.seed is not None:

@@ -27,6 +27,7 @@ from chatglm_serve.engine.step_inputs import StepInputs
 from chatglm_serve.model.attention import AttentionMetadata
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.config import parse_dtype
+from chatglm_serve.model.lora import LoRASlots
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,16 @@ class ModelRunner:
         max_model_len: int,
         decode_graphs: CaptureStrategy | None = None,
         optimize_cpu: bool = True,
+        lora: LoRASlots | None = None,
+        prefix_blocks: int = 0,
     ) -> None:
         """decode_graphs: how decode-only steps are captured (engine/cuda_graphs.py); None = CUDA
         graphs where config.cuda_graphs and the model sits on one CUDA device, else none. Tests
-        pass EagerStrategy() to run the padded static-buffer path on CPU."""
+        pass EagerStrategy() to run the padded static-buffer path on CPU.
+        lora: the model's LoRA slots, when adapters may be served (engine/adapters.py);
+        prefix_blocks: the most pinned P-Tuning prefix blocks a block table may start with."""
         self.model = model
+        self.lora = lora
         self.config = config
         if config.num_threads:
             # process-wide; threads started later (the async engine's step thread) inherit it
@@ -158,6 +164,7 @@ class ModelRunner:
             for d in model.layer_devices()
         ]
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
+        self.max_blocks_per_seq += prefix_blocks
         self.graphs: DecodeGraphRunner | None = None
         if decode_graphs is not None:
             self.graphs = DecodeGraphRunner(
@@ -210,6 +217,7 @@ class ModelRunner:
         prompt_rows: list[int] = []
         num_prefills = 0
         width = 1
+        row_slots: list[int] = []  # each row's LoRA slot (-1 = none)
         for i, item in enumerate(batch):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -217,13 +225,23 @@ class ModelRunner:
             table = seq.block_table
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            adapter = seq.request.adapter
+            off = 0  # P-Tuning v2: K/V slots after the pinned prefix, positions unshifted
+            if adapter is not None:
+                row_slots.extend([adapter.lora_slot] * n)
+                if adapter.prefix_len:
+                    off = adapter.prefix_len
+                    table = list(adapter.prefix_blocks) + table
+            else:
+                row_slots.extend([-1] * n)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start + off, end + off))
+            end += off
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
             if n > 1:
                 assert num_prefills == i, "multi-token chunks must precede single tokens"
                 num_prefills = i + 1
-            if end == seq.num_tokens:
+            if end - off == seq.num_tokens:
                 sample_rows.append(qsl[-1] - 1)
             first, count = item.prompt_logprob_rows
             if count:
@@ -233,11 +251,19 @@ class ModelRunner:
             width = max(width, nb)
             self._tables[i, :nb] = table[:nb]
         hidden = None
-        if num_prefills == 0 and batch and self.graphs is not None:
+        with_lora = any(s >= 0 for s in row_slots)
+        if num_prefills == 0 and batch and self.graphs is not None and not with_lora:
             # None when the step fits no bucket (or capture failed): the eager path below
             hidden = self.graphs.run(ids, positions, slots, seq_lens, self._tables, width)
         if hidden is None:
-            hidden = self._forward(ids, positions, slots, qsl, seq_lens, num_prefills, width)
+            if with_lora:
+                assert self.lora is not None, "a LoRA row without LoRA slots"
+                with self.lora.step(row_slots):
+                    hidden = self._forward(
+                        ids, positions, slots, qsl, seq_lens, num_prefills, width
+                    )
+            else:
+                hidden = self._forward(ids, positions, slots, qsl, seq_lens, num_prefills, width)
         sample_rows += prompt_rows
         if not sample_rows:
             return hidden.new_empty((0, self.model.config.padded_vocab_size), dtype=torch.float32)

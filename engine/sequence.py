@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from chatglm_serve.engine.types import FinishReason, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from chatglm_serve.engine.adapters import ActiveAdapter
 
 
 class SequenceStatus(Enum):
@@ -26,6 +29,7 @@ class Request:
     max_tokens: int  # effective: clipped to what the context leaves
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
+    adapter: ActiveAdapter | None = None  # a LoRA / P-Tuning v2 adapter (engine/adapters.py)
 
     @property
     def finished(self) -> bool:
@@ -81,6 +85,12 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def hash_seed(self) -> int | None:
+        """First link of this sequence's prefix-cache hash chain (its adapter's; None = base)."""
+        a = self.request.adapter
+        return None if a is None else a.hash_seed
 
     @property
     def params(self) -> SamplingParams:
