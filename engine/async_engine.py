@@ -156,9 +156,14 @@ class AsyncEngine:
 
     # ---- requests ----
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; errors reach this caller before any output."""
+        """Stream a request's outputs; errors reach this caller before any output. adapter: a
+        loaded LoRA / P-Tuning v2 adapter's name (engine/adapters.py), None = the base."""
         if not self._accepting:
             raise EngineError("the engine is shutting down", code="unavailable")
         params = self.engine.validate(prompt_ids, params)
@@ -173,7 +178,7 @@ class AsyncEngine:
                 )
             self._streams[request_id] = stream
         self.start()
-        self._post(("add", request_id, list(prompt_ids), params))
+        self._post(("add", request_id, list(prompt_ids), params, adapter))
         remaining = params.n
         try:
             while remaining:
@@ -204,6 +209,23 @@ class AsyncEngine:
         worker thread (never the step thread); GrammarError (an EngineError) if it cannot be."""
         return await asyncio.to_thread(self.engine.compile_grammar, spec)
 
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.engine.adapter_infos()]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter between steps; EngineError when it is bad."""
+        await self._call(self.engine.load_adapter, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._call(self.engine.unload_adapter, name)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.start()
+        self._post(("call", fn, args, loop, future))
+        return await future
+
     async def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 
@@ -220,9 +242,9 @@ class AsyncEngine:
             cmd = self._inbox.popleft()
             kind = cmd[0]
             if kind == "add":
-                _, rid, ids, params = cmd
+                _, rid, ids, params, adapter = cmd
                 try:
-                    self.engine.add_request(rid, ids, params)
+                    self.engine.add_request(rid, ids, params, adapter=adapter)
                 except EngineError as e:
                     self._deliver_error(rid, e)
                 except Exception as e:  # a bug must fail this request, not the step thread
@@ -232,6 +254,14 @@ class AsyncEngine:
                 self.engine.abort_request(cmd[1])
             elif kind == "abort_all":
                 self.engine.abort_all()
+            elif kind == "call":  # run on the step thread, between steps (adapter load/unload)
+                _, fn, args, loop, future = cmd
+                try:
+                    result = fn(*args)
+                except BaseException as e:
+                    loop.call_soon_threadsafe(_settle, future, None, e)
+                else:
+                    loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _run(self) -> None:
         while not self._stop:
@@ -290,6 +320,15 @@ class AsyncEngine:
             rids = list(self._streams)
         for rid in rids:
             self._deliver_error(rid, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

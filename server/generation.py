@@ -29,12 +29,17 @@ T = TypeVar("T")
 
 class EngineStream:
     def __init__(
-        self, engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        engine: AsyncEngine,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        adapter: str | None = None,
     ) -> None:
         self.engine = engine
         self.request_id = request_id
         self._n = params.n
-        self._gen = engine.generate(prompt_ids, params, request_id)
+        self._gen = engine.generate(prompt_ids, params, request_id, adapter=adapter)
         self._first: asyncio.Future[RequestOutput] | None = None
         self._done_indexes: set[int] = set()
         self._closed = False

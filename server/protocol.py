@@ -298,6 +298,20 @@ class ModelCard(BaseModel):
     # model path in `root`); None while the engine is still loading
     root: str | None = None
     chat_template: str | None = None
+    parent: str | None = None  # a fine-tune's base model (LoRA / P-Tuning v2); None for the base
+
+
+class LoadLoRARequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRARequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=128)
 
 
 class ModelList(BaseModel):

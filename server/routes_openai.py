@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from typing import Any
 
@@ -31,8 +31,10 @@ from chatglm_serve.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     ErrorResponse,
+    LoadLoRARequest,
     ModelCard,
     ModelList,
+    UnloadLoRARequest,
     completion_id,
     now,
 )
@@ -55,8 +57,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def answer_name(settings: Settings, asked: str | None) -> str:
-    """The model name a response carries (404 for an unknown one when the names are strict)."""
+def answer_name(settings: Settings, asked: str | None, adapters: Collection[str] = ()) -> str:
+    """The model name a response carries: a fine-tune (LoRA / P-Tuning v2) when `asked` names
+    one of `adapters`, else the served name (404 for an unknown one when names are strict)."""
+    if asked is not None and asked in adapters:
+        return asked
     if settings.strict_model_name and asked not in settings.model_names():
         raise APIError(
             404,
@@ -155,31 +160,64 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     settings = state.settings
     router = APIRouter(dependencies=[Depends(auth)], responses=_ERRORS)
 
-    def card(name: str) -> ModelCard:
+    def adapter_names() -> list[str]:
+        engine = state.engine
+        return engine.adapter_names() if engine is not None else list(settings.adapter_dirs())
+
+    def card(name: str, parent: str | None = None) -> ModelCard:
         engine = state.engine
         if engine is None:
-            return ModelCard(id=name, created=state.started)
+            return ModelCard(id=name, created=state.started, parent=parent)
         return ModelCard(
             id=name,
             created=state.started,
-            root=getattr(engine, "model_member", None),
+            # a fine-tune is its own root and names its base as parent (vLLM's LoRA listing)
+            root=name if parent else getattr(engine, "model_member", None),
+            parent=parent,
             chat_template=engine.chat_format.name,
         )
 
+    def model_cards() -> list[ModelCard]:
+        base = settings.served_model_name
+        return [card(n) for n in settings.model_names()] + [
+            card(n, parent=base) for n in adapter_names()
+        ]
+
     @router.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return ModelList(data=[card(n) for n in settings.model_names()])
+        return ModelList(data=model_cards())
 
     @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str) -> ModelCard:
-        if model_id not in settings.model_names():
-            raise APIError(
-                404,
-                f"The model {model_id!r} does not exist.",
-                code="model_not_found",
-                param="model",
-            )
-        return card(model_id)
+        for c in model_cards():
+            if c.id == model_id:
+                return c
+        raise APIError(
+            404,
+            f"The model {model_id!r} does not exist.",
+            code="model_not_found",
+            param="model",
+        )
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRARequest) -> dict[str, str]:
+        engine = state.ready_engine()
+        if body.lora_name in settings.model_names() or body.lora_name in adapter_names():
+            raise APIError(400, f"The name {body.lora_name!r} is in use.", param="lora_name")
+        try:
+            await engine.load_adapter(body.lora_name, body.lora_path)
+        except EngineError as e:
+            raise from_engine_error(e) from None
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRARequest) -> dict[str, str]:
+        engine = state.ready_engine()
+        try:
+            await engine.unload_adapter(body.lora_name)
+        except EngineError as e:
+            raise from_engine_error(e) from None
+        return {"status": "ok", "lora_name": body.lora_name}
 
     @router.post(
         "/v1/chat/completions",
@@ -188,7 +226,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = state.ready_engine()
-        model = answer_name(settings, body.model)
+        model = answer_name(settings, body.model, adapter_names())
         fmt = engine.chat_format
         if not fmt.supports_tools:  # ChatGLM2: the seed's (query, history) prompt
             check_tools_supported(body, fmt.name)
@@ -212,7 +250,8 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
             params.max_tokens,
             body.stream,
         )
-        stream = EngineStream(engine, prompt_ids, params, cid)
+        adapter = model if model in adapter_names() else None
+        stream = EngineStream(engine, prompt_ids, params, cid, adapter=adapter)
         timing = _Timing(metrics)
         if body.stream:
             try:

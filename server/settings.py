@@ -104,6 +104,19 @@ class Settings(BaseSettings):
         description="Chat format; unset = detected from the checkpoint (config, tokenizer "
         "file, special tokens).",
     )
+    lora: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A fine-tune served beside the base as NAME=DIR: a PEFT LoRA adapter "
+        "(adapter_config.json) or a P-Tuning v2 checkpoint (config.json with pre_seq_len). "
+        "A request selects it by `model`: NAME.",
+    )
+    ptuning_checkpoint: str | None = Field(
+        None,
+        description="A P-Tuning v2 checkpoint directory (ChatGLM2-6B ptuning/ output) that "
+        "every request naming no adapter is served with; NAME=DIR serves it as adapter NAME.",
+    )
+    max_loras: int = Field(4, ge=1, description="LoRA adapters resident at once (memory bound).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted (memory bound).")
 
     # --- the HTTP side
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
@@ -186,7 +199,7 @@ class Settings(BaseSettings):
         "(fewer kernel launches); used when the model sits on one GPU without tensor parallel.",
     )
 
-    @field_validator("model_aliases", "devices", "cors_origins", "api_keys", mode="before")
+    @field_validator("model_aliases", "devices", "cors_origins", "api_keys", "lora", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
@@ -249,6 +262,21 @@ class Settings(BaseSettings):
         ends every stream at shutdown_timeout (finish_reason "abort", then [DONE]); the margin
         lets that ending reach the client first (the drain waits up to 2 s for its aborts)."""
         return self.shutdown_timeout + 3.0
+
+    def adapter_dirs(self) -> dict[str, str]:
+        """NAME -> DIR of the adapters loaded at start (--lora, a named --ptuning-checkpoint)."""
+        out: dict[str, str] = {}
+        specs = list(self.lora)
+        if self.ptuning_checkpoint and "=" in self.ptuning_checkpoint:
+            specs.append(self.ptuning_checkpoint)
+        for spec in specs:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise SettingsError(f"lora: expected NAME=DIR, got {spec!r}")
+            if name.strip() in out or name.strip() in self.model_names():
+                raise SettingsError(f"lora: the name {name.strip()!r} is used twice")
+            out[name.strip()] = path.strip()
+        return out
 
     def api_key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]
@@ -329,6 +357,12 @@ def engine_config(settings: Settings) -> EngineConfig:
         reply_token_cache_size=settings.reply_token_cache_size,
         num_threads=settings.threads,
         cuda_graphs=settings.cuda_graphs,
+        adapters=settings.adapter_dirs(),
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        ptuning_checkpoint=settings.ptuning_checkpoint
+        if settings.ptuning_checkpoint and "=" not in settings.ptuning_checkpoint
+        else None,
     )
 
 
@@ -354,6 +388,7 @@ _FLAGS = {
     "api_keys": "--api-key",
     "cors_origins": "--cors-origin",
     "model_aliases": "--model-alias",
+    "lora": "--lora",
 }
 REPEATABLE = frozenset(_FLAGS)
 
