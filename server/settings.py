@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = Field(
         None, ge=1, description="KV cache budget in tokens (unset: a share of free memory)."
     )
+    block_size: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Tokens per KV cache block (a P-Tuning v2 pre_seq_len must be a multiple).",
+    )
     gpu_memory_utilization: float = Field(
         0.90,
         gt=0.0,
@@ -349,6 +355,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_num_batched_tokens=settings.max_num_batched_tokens
         or max(EngineConfig.max_num_batched_tokens, settings.max_num_seqs or 0),
         kv_cache_tokens=settings.kv_cache_tokens,
+        block_size=settings.block_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_cache_dtype=None if settings.kv_cache_dtype == "auto" else settings.kv_cache_dtype,
         max_model_len=settings.max_model_len,

@@ -116,3 +116,26 @@ async def test_load_endpoint_needs_the_api_key(engine, dirs):
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         body = {"lora_name": "x", "lora_path": str(dirs["other"])}
         assert (await c.post("/v1/load_lora_adapter", json=body)).status_code == 401
+
+
+def test_lora_flags_env_and_yaml_reach_the_engine_config(tmp_path):
+    from chatglm_serve.server.cli import parse
+    from chatglm_serve.server.settings import SettingsError, engine_config, load_settings
+
+    _, _, s = parse(["--lora", "a=/x/a", "--lora", "b=/x/b", "--max-loras", "3"])
+    cfg = engine_config(s)
+    assert cfg.adapters == {"a": "/x/a", "b": "/x/b"} and cfg.max_loras == 3
+    s = load_settings({}, environ={"CHATGLM_LORA": "a=/x/a,c=/x/c"})
+    assert engine_config(s).adapters == {"a": "/x/a", "c": "/x/c"}
+    yml = tmp_path / "c.yaml"
+    yml.write_text("lora: ['a=/x/a']\nptuning_checkpoint: /x/pt\nblock_size: 8\n")
+    _, _, s = parse(["--config", str(yml)])
+    cfg = engine_config(s)
+    assert cfg.adapters == {"a": "/x/a"} and cfg.ptuning_checkpoint == "/x/pt"
+    assert cfg.block_size == 8
+    cfg = engine_config(settings(ptuning_checkpoint="pt=/x/pt"))  # a named prefix
+    assert cfg.adapters == {"pt": "/x/pt"} and cfg.ptuning_checkpoint is None
+    with pytest.raises(SettingsError, match="NAME=DIR"):
+        engine_config(settings(lora=["/x/no-name"]))
+    with pytest.raises(SettingsError, match="used twice"):
+        engine_config(settings(lora=["chatglm2-6b=/x/a"]))
