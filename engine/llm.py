@@ -196,15 +196,19 @@ class ChatGLM:
         top_p: float = 0.8,
         temperature: float = 0.8,
         do_sample: bool = True,
+        adapter: str | None = None,
         **sampling: Any,
     ) -> tuple[str, History]:
         """-> (response, history + [(query, response)]), as the seed's `model.chat`.
 
         max_length counts prompt and reply, as in the seed. do_sample=False (or temperature 0)
-        is greedy. Other keywords (top_k, repetition_penalty, seed, stop, ...) go to
-        SamplingParams."""
+        is greedy. adapter: a LoRA / P-Tuning v2 fine-tune loaded with the engine
+        (EngineConfig.adapters). Other keywords (top_k, repetition_penalty, seed, stop, ...) go
+        to SamplingParams."""
         raw = "".join(
-            self._chat_deltas(query, history, max_length, top_p, temperature, do_sample, sampling)
+            self._chat_deltas(
+                query, history, max_length, top_p, temperature, do_sample, sampling, adapter
+            )
         )
         response = process_response(raw)
         return response, self._with_turn(history, query, response)
@@ -217,6 +221,7 @@ class ChatGLM:
         top_p: float = 0.8,
         temperature: float = 0.8,
         do_sample: bool = True,
+        adapter: str | None = None,
         **sampling: Any,
     ) -> Iterator[tuple[str, History]]:
         """Yields (response so far, history with this turn) as the reply grows, as the seed's
@@ -224,7 +229,7 @@ class ChatGLM:
         history = list(history or [])
         raw = ""
         for delta in self._chat_deltas(
-            query, history, max_length, top_p, temperature, do_sample, sampling
+            query, history, max_length, top_p, temperature, do_sample, sampling, adapter
         ):
             raw += delta
             response = process_response(raw)
@@ -260,6 +265,7 @@ class ChatGLM:
         temperature: float,
         do_sample: bool,
         sampling: dict[str, Any],
+        adapter: str | None = None,
     ) -> Iterator[str]:
         """The reply's text pieces (the last one may be empty: it marks the end)."""
         if sampling.get("n", 1) != 1:
@@ -277,7 +283,7 @@ class ChatGLM:
             max_tokens=room,
             **sampling,
         )
-        for out in self._stream(prompt_ids, params):
+        for out in self._stream(prompt_ids, params, adapter):
             if out.index == 0 and (out.text or out.finished):
                 yield out.text
 
@@ -288,6 +294,7 @@ class ChatGLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        adapter: str | None = None,
     ) -> list[GenerationResult]:
         """Run many prompts through the continuous-batching engine together; results in order.
 
@@ -295,7 +302,8 @@ class ChatGLM:
         token ids, or a chat: ChatPrompt(query, history) or a (query, history) tuple, built
         with the chat template as `chat` does. sampling_params: one for all or one per
         prompt; default SamplingParams() (temperature 1, up to the rest of the context).
-        Requests beyond the engine's waiting-queue limit are fed in as others finish."""
+        Requests beyond the engine's waiting-queue limit are fed in as others finish.
+        adapter: a LoRA / P-Tuning v2 fine-tune loaded with the engine, for every prompt."""
         items = [prompts] if self._is_single(prompts) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -325,7 +333,9 @@ class ChatGLM:
                         i = todo[0]
                         rid = f"generate-{next(self._ids)}"
                         try:
-                            self._engine().add_request(rid, encoded[i], params_list[i])
+                            self._engine().add_request(
+                                rid, encoded[i], params_list[i], adapter=adapter
+                            )
                         except EngineOverloadedError:
                             break
                         todo.popleft()
@@ -390,11 +400,13 @@ class ChatGLM:
                 box.append(out)
         return outputs
 
-    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+    def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> Iterator[RequestOutput]:
         """One request's outputs as the engine produces them; aborted if the caller stops early."""
         rid = f"chat-{next(self._ids)}"
         with self._lock:
-            self._engine().add_request(rid, prompt_ids, params)
+            self._engine().add_request(rid, prompt_ids, params, adapter=adapter)
             box: deque[RequestOutput] = deque()
             self._boxes[rid] = box
         left = params.n

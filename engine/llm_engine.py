@@ -291,9 +291,11 @@ class LLMEngine:
         params: SamplingParams,
         adapter: str | None = None,
     ) -> None:
-        """adapter: the name of a loaded LoRA / P-Tuning v2 adapter; None or another name = the
-        base model (the server decides which names reach here)."""
+        """adapter: the name of a loaded LoRA / P-Tuning v2 adapter; None = the base model."""
         params = self.validate(prompt_ids, params)
+        if adapter is not None and adapter not in self.adapters.entries:
+            # e.g. unloaded between the server's look-up and this call
+            raise EngineError(f"the adapter {adapter!r} is not loaded", param="model")
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
         if len(self.scheduler.waiting) >= self.queue_limit(len(self.scheduler.running)):

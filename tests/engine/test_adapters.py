@@ -21,6 +21,13 @@ from tests.paged import PagedRunner
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
+@pytest.fixture(scope="module")
+def model(model) -> ChatGLMForCausalLM:
+    """The engine tests' tiny model, built afresh: the shared one may have been repacked for
+    CPU decode by an engine, and the merged references need its plain weights."""
+    return ChatGLMForCausalLM.random(model.config, seed=1234, std=0.5)
+
+
 @pytest.fixture()
 def base(model) -> ChatGLMForCausalLM:
     """A private copy of the engine tests' tiny model (adapters hook its linears)."""
@@ -326,3 +333,26 @@ def test_ptuning_refuses_mismatched_checkpoint(base, tokenizer, tmp_path):
     pt = write_ptuning(tmp_path / "pt2", base.config, pre_seq_len=6)
     with pytest.raises(AdapterError, match="multiple of the KV block size"):
         make_engine(base, tokenizer, block_size=4, adapters={"six": str(pt)})
+
+
+def test_python_api_selects_adapters(tmp_path):
+    from chatglm_serve.engine.config import EngineConfig
+    from chatglm_serve.engine.llm import ChatGLM
+
+    probe = ChatGLM.load(None, dtype="float32", device="cpu", config=EngineConfig(num_blocks=64))
+    d = write_peft_lora(tmp_path / "l", probe.model.config, r=4, seed=9, std=0.5)
+    probe.close()
+    llm = ChatGLM.load(
+        None,
+        dtype="float32",
+        device="cpu",
+        config=EngineConfig(num_blocks=64, adapters={"tuned": str(d)}),
+    )
+    greedy = dict(do_sample=False, max_length=64, ignore_eos=True)
+    base, _ = llm.chat("你好", **greedy)
+    tuned, _ = llm.chat("你好", adapter="tuned", **greedy)
+    again = llm.generate("你好", SamplingParams(max_tokens=8, **GREEDY), adapter="tuned")
+    plain = llm.generate("你好", SamplingParams(max_tokens=8, **GREEDY))
+    assert base != tuned and again[0].outputs[0].token_ids != plain[0].outputs[0].token_ids
+    with pytest.raises(EngineError, match="not loaded"):
+        llm.chat("你好", adapter="nope", **greedy)
