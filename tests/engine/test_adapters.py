@@ -14,7 +14,7 @@ from chatglm_serve.engine.types import EngineError, SamplingParams
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM, apply_rotary_
 from chatglm_serve.model.lora import AdapterError, merge_lora, read_lora
 from chatglm_serve.model.quantize import QuantLinear, QuantSpec, quantize_model, quantized_modules
-from tests.engine.adapters_util import write_peft_lora, write_ptuning
+from tests.adapters_util import write_peft_lora, write_ptuning
 from tests.engine.harness import make_engine, run
 from tests.paged import PagedRunner
 
@@ -58,7 +58,10 @@ def merged(model: ChatGLMForCausalLM, path) -> ChatGLMForCausalLM:
 def serve(model, tokenizer, reqs: list[tuple[str | None, list[int]]], steps: int, stagger=0, **kw):
     """Greedy token ids of each (adapter, prompt), submitted to one engine (request i at step
     i * stagger)."""
-    engine = make_engine(model, tokenizer, **kw)
+    return serve_on(make_engine(model, tokenizer, **kw), reqs, steps, stagger)
+
+
+def serve_on(engine, reqs: list[tuple[str | None, list[int]]], steps: int, stagger=0):
     real_add = engine.add_request
     engine.add_request = lambda rid, ids, params: real_add(
         rid, ids, params, adapter=reqs[int(rid[1:])][0]
@@ -356,3 +359,20 @@ def test_python_api_selects_adapters(tmp_path):
     assert base != tuned and again[0].outputs[0].token_ids != plain[0].outputs[0].token_ids
     with pytest.raises(EngineError, match="not loaded"):
         llm.chat("你好", adapter="nope", **greedy)
+
+
+def test_preemption_under_kv_pressure_keeps_adapters_exact(base, model, tokenizer, tmp_path):
+    """Too few KV blocks: sequences of a P-Tuning prefix, a LoRA and the base are preempted and
+    recomputed; the pinned prefix blocks stay, every reply equals the unpressured one."""
+    cfg = model.config
+    pt = write_ptuning(tmp_path / "pt", cfg, pre_seq_len=8, seed=4)
+    lo = write_peft_lora(tmp_path / "lo", cfg, r=4, seed=5)
+    adapters = {"pt": str(pt), "lo": str(lo)}
+    names = ["pt", "lo", None, "pt", "lo", None]
+    reqs = list(zip(names, prompts(tokenizer, len(names)), strict=True))
+    kw = dict(block_size=4, adapters=adapters, max_num_batched_tokens=64)
+    roomy = serve(copy.deepcopy(model), tokenizer, reqs, 24, num_blocks=256, **kw)
+    engine = make_engine(base, tokenizer, num_blocks=44, **kw)
+    tight = serve_on(engine, reqs, 24)
+    assert engine.scheduler.num_preemptions > 0
+    assert tight == roomy

@@ -11,7 +11,7 @@ from chatglm_serve.engine.async_engine import AsyncEngine
 from chatglm_serve.engine.config import EngineConfig
 from chatglm_serve.model.loader import load_model_and_tokenizer
 from chatglm_serve.server.app import create_app
-from tests.engine.adapters_util import write_peft_lora, write_ptuning
+from tests.adapters_util import write_peft_lora, write_ptuning
 from tests.server.conftest import settings
 
 GREEDY = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
