@@ -307,8 +307,10 @@ class LoRASlots:
             xa = x @ a.view(-1, fan_in).T  # [T, k R]
             if plan.mask is not None:
                 xa.mul_(plan.mask)
-            delta = xa @ b.view(fan_out, -1).T
-            return out.add_(delta.to(out.dtype))
+            bt = b.view(fan_out, -1).T
+            if out.dtype == xa.dtype and out.dim() == 2:
+                return out.addmm_(xa, bt)  # one op: out += xa @ B^T
+            return out.add_((xa @ bt).to(out.dtype))
 
         return add_lora
 
