@@ -84,7 +84,8 @@ def build_completions_router(state: ServerState, metrics: Metrics, auth: ApiKeyA
     @router.post("/v1/completions", responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine = state.ready_engine()
-        model = answer_name(settings, body.model)
+        model = answer_name(settings, body.model, state.adapter_names())
+        adapter = model if model in state.adapter_names() else None
         prompts = _encode_prompts(engine, body)
         params = sampling_params(body, 0)
         wants_lps = body.logprobs is not None
@@ -105,7 +106,10 @@ def build_completions_router(state: ServerState, metrics: Metrics, auth: ApiKeyA
             params.max_tokens,
             body.stream,
         )
-        streams = [EngineStream(engine, p.ids, params, f"{cid}-{i}") for i, p in enumerate(prompts)]
+        streams = [
+            EngineStream(engine, p.ids, params, f"{cid}-{i}", adapter=adapter)
+            for i, p in enumerate(prompts)
+        ]
         reply = _Reply(engine, body, params, prompts, cid, model, _Timing(metrics))
         if body.stream:
             try:
@@ -133,7 +137,7 @@ def build_completions_router(state: ServerState, metrics: Metrics, auth: ApiKeyA
     @router.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         engine = state.ready_engine()
-        answer_name(settings, body.model)
+        answer_name(settings, body.model, state.adapter_names())
         tok = engine.tokenizer
         if body.messages is not None:  # the prompt chat completions would build
             chat = ChatCompletionRequest(messages=body.messages)
@@ -156,7 +160,7 @@ def build_completions_router(state: ServerState, metrics: Metrics, auth: ApiKeyA
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         engine = state.ready_engine()
-        answer_name(settings, body.model)
+        answer_name(settings, body.model, state.adapter_names())
         _check_ids(engine, body.tokens, "tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 

@@ -160,10 +160,6 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     settings = state.settings
     router = APIRouter(dependencies=[Depends(auth)], responses=_ERRORS)
 
-    def adapter_names() -> list[str]:
-        engine = state.engine
-        return engine.adapter_names() if engine is not None else list(settings.adapter_dirs())
-
     def card(name: str, parent: str | None = None) -> ModelCard:
         engine = state.engine
         if engine is None:
@@ -180,7 +176,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     def model_cards() -> list[ModelCard]:
         base = settings.served_model_name
         return [card(n) for n in settings.model_names()] + [
-            card(n, parent=base) for n in adapter_names()
+            card(n, parent=base) for n in state.adapter_names()
         ]
 
     @router.get("/v1/models", response_model=ModelList)
@@ -202,7 +198,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     @router.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRARequest) -> dict[str, str]:
         engine = state.ready_engine()
-        if body.lora_name in settings.model_names() or body.lora_name in adapter_names():
+        if body.lora_name in settings.model_names() or body.lora_name in state.adapter_names():
             raise APIError(400, f"The name {body.lora_name!r} is in use.", param="lora_name")
         try:
             await engine.load_adapter(body.lora_name, body.lora_path)
@@ -226,7 +222,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = state.ready_engine()
-        model = answer_name(settings, body.model, adapter_names())
+        model = answer_name(settings, body.model, state.adapter_names())
         fmt = engine.chat_format
         if not fmt.supports_tools:  # ChatGLM2: the seed's (query, history) prompt
             check_tools_supported(body, fmt.name)
@@ -250,7 +246,7 @@ def build_openai_router(state: ServerState, metrics: Metrics, auth: ApiKeyAuth) 
             params.max_tokens,
             body.stream,
         )
-        adapter = model if model in adapter_names() else None
+        adapter = model if model in state.adapter_names() else None
         stream = EngineStream(engine, prompt_ids, params, cid, adapter=adapter)
         timing = _Timing(metrics)
         if body.stream:

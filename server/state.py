@@ -33,3 +33,10 @@ class ServerState:
                 )
             raise not_ready()
         return self.engine
+
+    def adapter_names(self) -> list[str]:
+        """The fine-tunes a request's `model` may name: the engine's, or (while it loads) the
+        ones the settings will load."""
+        if self.engine is not None:
+            return self.engine.adapter_names()
+        return list(self.settings.adapter_dirs())

@@ -86,6 +86,20 @@ async def test_model_field_selects_the_adapter(client):
     assert len({text["base"], text["tuned"], text["prefixed"]}) == 3
 
 
+async def test_completions_model_field_selects_the_adapter(client):
+    async def text(model: str | None) -> str:
+        body = {"prompt": "Once upon a time", **GREEDY} | ({"model": model} if model else {})
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == (model or "chatglm2-6b")
+        return r.json()["choices"][0]["text"]
+
+    base, tuned, prefixed, again = await asyncio.gather(
+        text(None), text("tuned"), text("prefixed"), text("tuned")
+    )
+    assert tuned == again and tuned != base and prefixed != base
+
+
 async def test_runtime_load_and_unload(client, dirs, tmp_path):
     r = await client.post(
         "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tmp_path)}
