@@ -41,8 +41,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = [CSRC / "cpu" / "quant_matmul.cpp"]
-CPU_HEADERS = [CSRC / "cpu" / "cpu_common.h"]
+CPU_SOURCES = [CSRC / "cpu" / "quant_matmul.cpp", CSRC / "cpu" / "quant_bindings.cpp"]
+CPU_HEADERS = [CSRC / "cpu" / "cpu_common.h", CSRC / "cpu" / "quant_ops.h"]
 # one CUDA extension: the weight-only GEMV/GEMM/dequantize and the paged decode attention
 CUDA_KERNEL_SOURCES = [
     CSRC / "cuda" / "quant_gemv.cu",

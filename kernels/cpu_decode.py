@@ -1,6 +1,6 @@
 """The CPU decode fast paths (kernels/csrc/cpu): attention straight from the paged KV cache, fp32
-linears for a few rows, bf16 linears on AMX with packed weights, and a whole decode step's layers
-in one call.
+linears for a few rows, bf16 linears on packed weights (AMX, AVX-512 BF16, AVX-512 or AVX2, picked
+at run time), and a whole decode step's layers in one call (float or int4/int8 linears).
 
 Built on first use like the quantized-matmul extension (kernels/build.py: cached on disk, keyed
 by the sources), and optional the same way: where it cannot be built (no compiler, no AVX-512
@@ -25,6 +25,8 @@ SOURCES = [
     CSRC / "cpu" / "small_gemm.cpp",
     CSRC / "cpu" / "panel_linear.cpp",
     CSRC / "cpu" / "amx_linear.cpp",
+    CSRC / "cpu" / "half_linear.cpp",
+    CSRC / "cpu" / "quant_matmul.cpp",  # also here: the decode step calls the quantized linears
     CSRC / "cpu" / "decode_stack.cpp",
     CSRC / "cpu" / "decode_bindings.cpp",
 ]
@@ -56,16 +58,16 @@ def decode_kernels_or_none() -> ModuleType | None:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((ln for ln in f if ln.startswith("flags")), "").split())
-    except OSError:
-        return frozenset()
+def allowed_isas() -> tuple[str, ...]:
+    """The instruction sets the kernels may use here, lowest first (kernels/csrc/cpu/cpu_common.h:
+    this CPU's features, capped by CHATGLM_SERVE_CPU_ISA); () where the kernels are unavailable."""
+    ext = decode_kernels_or_none()
+    return tuple(ext.allowed_isas()) if ext is not None else ()
 
 
 def has_avx512() -> bool:
-    return {"avx512f", "avx512dq"} <= _cpu_flags()
+    """Whether the AVX-512 kernels (fp32 linears, the one-call decode step) may run here."""
+    return "avx512" in allowed_isas()
 
 
 def attention_supports(q: Tensor, kv_cache: Tensor) -> bool:
@@ -156,6 +158,43 @@ def amx_bf16_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor |
     return load_decode_kernels().amx_bf16_linear(x, packed, out_features, bias)
 
 
+# bf16_linear's implementations (= HalfImpl in half_linear.cpp); "auto": the best that runs here
+BF16_IMPLS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512_bf16": 4, "amx": 5}
+
+
+def bf16_impls() -> list[str]:
+    """The bf16 linear implementations this machine may run, lowest first."""
+    isas = allowed_isas()
+    out = [name for name in BF16_IMPLS if name != "auto" and name in isas]
+    if "amx" in out and not amx_bf16_available():
+        out.remove("amx")  # the CPU has it, the OS did not grant the tile state
+    return out
+
+
+def bf16_linear_path() -> str:
+    """Which implementation a bf16 linear runs here ("amx", "avx512_bf16", ...)."""
+    impl = load_decode_kernels().bf16_linear_impl(0)
+    return next(name for name, i in BF16_IMPLS.items() if i == impl)
+
+
+def bf16_pack(weight: Tensor) -> Tensor:
+    """bf16 W [N, K] -> bf16_linear's tiles (amx_bf16_pack's layout; N and K zero-padded to
+    multiples of 16 and 32)."""
+    return load_decode_kernels().bf16_pack(weight)
+
+
+def bf16_unpack(packed: Tensor, n: int, k: int) -> Tensor:
+    """The inverse of bf16_pack for W [n, k] (a dense copy)."""
+    return amx_bf16_unpack(packed)[:n, :k].contiguous()
+
+
+def bf16_linear(
+    x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None, impl: str = "auto"
+) -> Tensor:
+    """x [M, K] bf16 @ W^T + bias -> bf16 [M, N], W packed by bf16_pack."""
+    return load_decode_kernels().bf16_linear(x, packed, out_features, bias, BF16_IMPLS[impl])
+
+
 def decode_stack(
     x: Tensor,
     weights: list[Tensor],
@@ -171,7 +210,7 @@ def decode_stack(
 ) -> Tensor | None:
     """Every layer of a decode step for single-token rows (kernels/csrc/cpu/decode_stack.cpp):
     x [B, H] embeddings -> final hidden states [B, H]; None where the kernels are unavailable.
-    weights: 7 per layer (see the C++ file); heads: (query heads, KV heads, head_dim)."""
+    weights: 7 per layer, 12 for int4/int8 linears (see the C++ file); heads: (query heads, KV heads, head_dim)."""
     ext = decode_kernels_or_none()
     if ext is None:
         return None

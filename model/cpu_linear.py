@@ -2,13 +2,16 @@
 
 A decode step multiplies one row per running sequence by every weight, so its speed is how fast
 the weights stream from memory (one row) or how well the FMA units are used (a dozen rows):
-  * bf16 with AMX: our kernel (kernels/csrc/cpu/amx_linear.cpp) on weights packed once into AMX
-    tiles streams them at the machine's read bandwidth for 1 to 16 rows, where oneDNN's packed
-    bf16 reached ~70% of it (medium model, 2 threads: 12.8 vs 18.3 ms per step's weights at one
-    row, 13.1 vs 18.0 at sixteen): `AmxLinear`.
-  * bf16 without AMX, fp16: a plain `F.linear` reads the weight at about half the bandwidth a
-    decode step can use. oneDNN's blocked layout, made once at load time, reads it faster and is
-    as fast for prefill chunks: `PackedLinear`.
+  * bf16: our kernels on weights packed once into AMX's tile layout: `Bf16Linear`. With AMX
+    (kernels/csrc/cpu/amx_linear.cpp) they stream at the machine's read bandwidth for 1 to 16
+    rows, where oneDNN's packed bf16 reached ~70% of it (Xeon, medium model, 2 threads: 12.8 vs
+    18.3 ms per step's weights at one row, 13.1 vs 18.0 at sixteen). Without AMX the same layout
+    feeds AVX-512 BF16 `vdpbf16ps`, or AVX-512 / AVX2 FMAs on weights widened in registers
+    (half_linear.cpp), picked at run time: on an AVX-512 EPYC without AMX oneDNN read bf16
+    weights at about half the bandwidth.
+  * fp16 (and bf16 on a CPU without AVX2): a plain `F.linear` reads the weight at about half
+    the bandwidth a decode step can use. oneDNN's blocked layout, made once at load time, reads
+    it faster and is as fast for prefill chunks: `PackedLinear`.
     Either packed weight replaces the dense one (no second copy in memory); `weight` and the
     state dict give a dense copy back on request.
   * fp32: MKL's sgemv is at the bandwidth for one row, but from a few rows on its sgemm runs
@@ -21,12 +24,16 @@ the weights stream from memory (one row) or how well the FMA units are used (a d
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chatglm_serve.kernels import cpu_decode
 
+log = logging.getLogger(__name__)
 # oneDNN picks its blocking for this many rows; measured fastest for 1 row and for 512
 BATCH_HINT = 512
 
@@ -134,20 +141,22 @@ class PackedLinear(nn.Module):
     layout = "oneDNN"
 
 
-class AmxLinear(PackedLinear):
-    """`y = x W^T + b` in bf16 on AMX, W packed into the kernel's tiles (CPU)."""
+class Bf16Linear(PackedLinear):
+    """`y = x W^T + b` in bf16, W packed into AMX's tile layout (CPU): AMX where it runs, else
+    AVX-512 BF16, AVX-512 or AVX2 (kernels/csrc/cpu/half_linear.cpp picks at run time)."""
 
-    layout = "AMX"
+    layout = "bf16-tile"
+    impl = "auto"  # bf16_linear's implementation; tests pin the lower ones
 
     def _pack(self, weight: Tensor) -> Tensor:
-        return cpu_decode.amx_bf16_pack(weight)
+        return cpu_decode.bf16_pack(weight)
 
     @property
     def weight(self) -> Tensor:
-        return cpu_decode.amx_bf16_unpack(self.packed)
+        return cpu_decode.bf16_unpack(self.packed, self.out_features, self.in_features)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return cpu_decode.amx_bf16_linear(x, self.packed, self.out_features, self.bias)
+        return cpu_decode.bf16_linear(x, self.packed, self.out_features, self.bias, self.impl)
 
 
 class PanelLinear(PackedLinear):
@@ -171,33 +180,58 @@ def can_use_panels(weight: Tensor) -> bool:
     return can_use_small_batch(weight) and weight.shape[0] % 16 == 0
 
 
-def can_use_amx(weight: Tensor) -> bool:
-    """Whether our AMX bf16 kernel takes this weight (shape multiple of its tiles)."""
-    n, k = weight.shape
+def can_use_bf16_tiles(weight: Tensor) -> bool:
+    """Whether our bf16 kernels take this weight: any shape (padded to the tiles) on a CPU with
+    AVX2 or better; AMX runs where the shape needs no padding."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
-        and n % 16 == 0
-        and k % 32 == 0
-        and cpu_decode.amx_bf16_available()
+        and "avx2" in cpu_decode.allowed_isas()
     )
+
+
+@functools.cache
+def log_paths() -> dict[str, str]:
+    """Which kernel each linear kind runs on this CPU; logged once per process."""
+    from chatglm_serve.kernels.ops import cpu_impls
+
+    isas = cpu_decode.allowed_isas()
+    quant = cpu_impls()
+    paths = {
+        "fp32": "panel/small GEMM (AVX-512)" if "avx512" in isas else "PyTorch (MKL)",
+        "bf16": f"bf16 tiles ({cpu_decode.bf16_linear_path()})"
+        if "avx2" in isas
+        else "oneDNN packed",
+        "int4/int8": "PyTorch (dequantize per call)"
+        if not quant
+        else "avx512_vnni, amx from 8-16 rows"
+        if quant[-1] == "amx"
+        else quant[-1],
+        "decode step": "one C++ call" if "avx512" in isas else "layer by layer (PyTorch)",
+    }
+    log.info(
+        "CPU kernels: ISAs %s; %s", ",".join(isas) or "none", "; ".join(f"{k}: {v}" for k, v in paths.items())
+    )
+    return paths
 
 
 def optimize_linears(model: nn.Module) -> list[str]:
     """Give every plain nn.Linear on a CPU its decode matmul; returns their names.
 
-    bf16 weights become `AmxLinear` where AMX runs, else (and fp16) `PackedLinear`; fp32 ones
+    bf16 weights become `Bf16Linear` where AVX2 or better runs, else (and fp16) `PackedLinear`;
+    fp32 ones
     `PanelLinear`, or `SmallBatchLinear` where N % 16 != 0 (a class change in place: the
     parameters stay). Subclasses (tensor-parallel linears) and quantized linears are left alone.
     """
+    log_paths()
     names = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
         w = module.weight
         packed_cls = (
-            AmxLinear
-            if can_use_amx(w)
+            Bf16Linear
+            if can_use_bf16_tiles(w)
             else PanelLinear
             if can_use_panels(w)
             else PackedLinear

@@ -15,7 +15,7 @@ from chatglm_serve.model import attention
 from chatglm_serve.model.attention import AttentionMetadata
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM, RotaryEmbedding, apply_rotary_
 from chatglm_serve.model.cpu_linear import (
-    AmxLinear,
+    Bf16Linear,
     PackedLinear,
     PanelLinear,
     SmallBatchLinear,
@@ -233,41 +233,53 @@ def test_step_tensors_built_once_per_step():
     assert meta.to(torch.device("cpu"))._decode is None  # derived tensors do not travel
 
 
+def _bf16_impls() -> list[str]:
+    try:
+        return cpu_decode.bf16_impls()
+    except KernelUnavailable:
+        return []
+
+
+@pytest.mark.parametrize("impl", _bf16_impls() or ["(extension unavailable)"])
 @pytest.mark.parametrize("rows", [1, 5, 16, 37])
 @pytest.mark.parametrize("bias", [True, False])
-def test_amx_linear_matches_linear_and_round_trips(rows, bias):
-    if not cpu_decode.amx_bf16_available():
-        pytest.skip("the AMX bf16 linear needs AMX-BF16 (CPU and OS permission)")
+def test_bf16_linear_matches_linear_and_round_trips(impl, rows, bias):
+    if impl not in _bf16_impls():
+        pytest.skip("the CPU decode kernels did not build here")
     g = torch.Generator().manual_seed(rows)
     n, k = 80, 96  # 5 output tiles (a group of 4 and a remainder), 3 k-chunks
     lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g))
-    amx = AmxLinear.from_linear(lin)
-    assert torch.equal(cpu_decode.amx_bf16_unpack(amx.packed), lin.weight)
+    packed = Bf16Linear.from_linear(lin)
+    packed.impl = impl
+    assert torch.equal(cpu_decode.amx_bf16_unpack(packed.packed), lin.weight)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
     want = x.float() @ lin.weight.float().t() + (lin.bias.float() if bias else 0)
-    got = amx(x)
+    got = packed(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     # fp32 accumulation, one rounding to bf16 at the end
     torch.testing.assert_close(got.float(), want, atol=0.02 * want.abs().max().item(), rtol=0.01)
-    assert torch.equal(amx(x[:1]), got[:1])  # a row's result does not depend on the batch
-    state = amx.state_dict()
+    assert torch.equal(packed(x[:1]), got[:1])  # a row's result does not depend on the batch
+    state = packed.state_dict()
     assert torch.equal(state["weight"], lin.weight)
-    other = AmxLinear(torch.zeros(n, k, dtype=torch.bfloat16), lin.bias)
+    other = Bf16Linear(torch.zeros(n, k, dtype=torch.bfloat16), lin.bias)
+    other.impl = impl
     other.load_state_dict(state)
     assert torch.equal(other(x), got)
 
 
-def test_amx_linear_is_chosen_only_for_its_shapes():
-    if not cpu_decode.amx_bf16_available():
-        pytest.skip("the AMX bf16 linear needs AMX-BF16 (CPU and OS permission)")
+def test_bf16_linears_take_every_shape():
+    if "avx2" not in _bf16_impls():
+        pytest.skip("our bf16 linears need AVX2 or better")
     fits = torch.nn.Linear(64, 48).to(torch.bfloat16)
-    odd = torch.nn.Linear(40, 48).to(torch.bfloat16)  # K % 32 != 0: oneDNN's packing
+    odd = torch.nn.Linear(40, 36).to(torch.bfloat16)  # K % 32, N % 16 != 0: padded tiles
     model = torch.nn.Sequential(fits, odd)
     assert optimize_linears(model) == ["0", "1"]
-    assert type(model[0]) is AmxLinear
-    assert type(model[1]) is PackedLinear or not can_pack(odd.weight)
+    assert type(model[0]) is Bf16Linear and type(model[1]) is Bf16Linear
+    x = torch.randn(3, 40).bfloat16()
+    assert torch.equal(model[1].weight, odd.weight)
+    torch.testing.assert_close(model[1](x).float(), odd(x).float(), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 37])

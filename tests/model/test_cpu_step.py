@@ -10,7 +10,8 @@ from chatglm_serve.kernels import cpu_decode
 from chatglm_serve.kernels.build import KernelUnavailable
 from chatglm_serve.model import cpu_step
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
-from chatglm_serve.model.cpu_linear import AmxLinear, PanelLinear, SmallBatchLinear
+from chatglm_serve.model.cpu_linear import Bf16Linear, PanelLinear, SmallBatchLinear
+from chatglm_serve.model.quantize import QuantLinear, QuantSpec, quantize_model
 from tests.conftest import tiny_config
 from tests.paged import PagedRunner
 
@@ -22,14 +23,14 @@ def _needs(dtype: torch.dtype) -> None:
         cpu_decode.load_decode_kernels()
     except KernelUnavailable as e:
         pytest.skip(f"CPU decode kernels cannot be built here: {e}")
-    if dtype == torch.float32 and not cpu_decode.has_avx512():
-        pytest.skip("the fp32 decode step needs the AVX-512 small-batch kernel")
-    if dtype == torch.bfloat16 and not cpu_decode.amx_bf16_available():
-        pytest.skip("the bf16 decode step needs AMX-BF16 (CPU and OS permission)")
+    if not cpu_decode.has_avx512():
+        pytest.skip("the one-call decode step's own loops need AVX-512")
 
 
-def _model(dtype: torch.dtype, **cfg) -> ChatGLMForCausalLM:
+def _model(dtype: torch.dtype, quant: QuantSpec | None = None, **cfg) -> ChatGLMForCausalLM:
     model = ChatGLMForCausalLM.random(tiny_config(**cfg), dtype=dtype, seed=11, std=0.1)
+    if quant is not None:
+        quantize_model(model, quant)
     model.optimize_for_cpu()
     return model
 
@@ -61,13 +62,36 @@ def test_fp32_step_matches_layers(cfg):
 def test_bf16_step_matches_layers():
     _needs(torch.bfloat16)
     model = _model(torch.bfloat16)
-    assert isinstance(model.layers[0].self_attention.query_key_value, AmxLinear)
+    assert isinstance(model.layers[0].self_attention.query_key_value, Bf16Linear)
     want = _decode_logits(model, stack=False)
     got = _decode_logits(model, stack=True)
     for g, w in zip(got, want, strict=True):
         # same kernels for the matmuls; bf16 rounding of the small ops may differ in the last bit
         torch.testing.assert_close(g, w, atol=0.05, rtol=0.02)
         assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (4, None), (8, None)])
+def test_quantized_step_matches_layers(monkeypatch, bits, group):
+    """int4/int8 linears (the CPU kernel) run inside the one-call step, with the same result."""
+    _needs(torch.float32)
+    model = _model(torch.float32, QuantSpec(bits=bits, group_size=group))
+    qkv = model.layers[0].self_attention.query_key_value
+    assert isinstance(qkv, QuantLinear) and qkv.path == "cpu_kernel" and qkv.bias is not None
+    want = _decode_logits(model, stack=False)
+    calls = []
+    real = cpu_decode.decode_stack
+    monkeypatch.setattr(
+        cpu_step.cpu_decode,
+        "decode_stack",
+        lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k),
+    )
+    got = _decode_logits(model, stack=True)
+    assert calls == [3, 3, 3]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    qkv.cpu_impl = "scalar"  # a pinned ISA is the layer-by-layer path's business
+    _decode_logits(model, stack=True, steps=1)
+    assert calls == [3, 3, 3]
 
 
 def test_step_is_taken_only_where_it_applies(monkeypatch):

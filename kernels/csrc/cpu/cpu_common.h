@@ -1,4 +1,5 @@
-// Small pieces shared by the CPU kernels: a vectorizable e^x and the AMX permission request.
+// Small pieces shared by the CPU kernels: a vectorizable e^x, the AMX permission request, and
+// the instruction-set ladder every kernel dispatches on at run time.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -6,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(_OPENMP)
@@ -46,6 +48,50 @@ inline bool request_amx_permission() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
   return false;
+#endif
+}
+
+// The instruction sets the kernels have paths for, lowest first. The extension is compiled for
+// the baseline x86-64 ISA; each fast path carries its own target attribute and runs only where
+// isa_allowed() says so, so one binary serves AMX, AVX-512-without-AMX and AVX2-only servers.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAmx = 5 };
+
+// CHATGLM_SERVE_CPU_ISA=scalar|avx2|avx512|avx512_vnni|avx512_bf16|amx caps the ladder (read once
+// per process): CI forces the lower paths on any host, and a user can rule out a path that
+// misbehaves on their machine. Unset or unknown: no cap.
+inline Isa isa_cap() {
+  static const Isa cap = [] {
+    const char* v = std::getenv("CHATGLM_SERVE_CPU_ISA");
+    if (v == nullptr) return Isa::kAmx;
+    const char* names[] = {"scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"};
+    for (int i = 0; i < 6; ++i)
+      if (std::strcmp(v, names[i]) == 0) return static_cast<Isa>(i);
+    return Isa::kAmx;
+  }();
+  return cap;
+}
+
+// Whether this CPU has `isa` (the AMX bits only: the OS permission is the caller's check) and
+// the cap allows it. avx512 means F+BW+VL+DQ; the higher rungs add their extension to it.
+inline bool isa_allowed(Isa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(isa_cap())) return false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return avx2;
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx512Vnni: return avx512 && __builtin_cpu_supports("avx512vnni");
+    case Isa::kAvx512Bf16: return avx512 && __builtin_cpu_supports("avx512bf16");
+    case Isa::kAmx: return avx512 && __builtin_cpu_supports("amx-tile");
+  }
+  return false;
+#else
+  return isa == Isa::kScalar;
 #endif
 }
 

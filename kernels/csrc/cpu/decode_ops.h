@@ -22,6 +22,11 @@ bool amx_bf16_usable();
 torch::Tensor amx_bf16_pack(const torch::Tensor& w);
 torch::Tensor amx_bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                               const c10::optional<torch::Tensor>& bias);
+// half_linear.cpp (bf16 without AMX; auto dispatch includes amx_linear.cpp)
+int64_t bf16_linear_impl(int64_t impl);
+torch::Tensor bf16_pack(const torch::Tensor& w);
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                          const c10::optional<torch::Tensor>& bias, int64_t impl);
 // decode_stack.cpp
 torch::Tensor cpu_decode_stack(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                                const std::vector<torch::Tensor>& kv_caches,

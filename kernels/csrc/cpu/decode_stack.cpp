@@ -5,14 +5,20 @@
 // the same layers run op by op from Python spent another ~7 ms per step on ~30 small ops and
 // module calls per layer (norms, rotary, cache writes, SwiGLU, residuals). Here those are plain
 // loops over a few rows and the matmuls call our kernels directly: fp32 weights go to
-// small_linear (plain layout), bf16 ones to the AMX kernel (packed by amx_bf16_pack).
+// panel_linear / small_linear, bf16 ones to bf16_linear (AMX where it runs, else AVX-512 BF16,
+// AVX-512 or AVX2: half_linear.cpp), int4/int8 ones to qmm (quant_matmul.cpp). A quantized
+// model paid ~0.1 ms of Python and dispatch per linear per step here before: about as much as
+// its int4 weights take to stream.
 //
 // Numerics follow model/chatglm.py step by step, including where bf16 rounds: RMSNorm in fp32,
 // rounded, then scaled by the weight in bf16; rotary in fp32; silu rounded before the product;
 // residual sums rounded. Per layer, `weights` holds 7 tensors in this order:
 //   input_layernorm [H], query_key_value W and bias (empty: none), dense W, post_attention_layernorm [H],
 //   dense_h_to_4h W, dense_4h_to_h W
-// where W is fp32 [N, K] or bf16 packed (amx_bf16_pack). kv_caches[l] is [2, blocks, block_size,
+// where W is fp32 [N, K] or panels, or bf16 packed (bf16_pack). A quantized model (uint8 W
+// packed by kernels/ops.py pack_cpu) has 12 per layer: those 7, then the 4 linears' scales
+// (fp32 [K/group, N_pad]) and an int64 [4, 4] of (bits, group, activation block, N) per linear.
+// kv_caches[l] is [2, blocks, block_size,
 // Hkv, D] in the model dtype; rotation [B, rot/2, 2] fp32 (cos, sin) for each token's position.
 #include <torch/extension.h>
 
@@ -27,10 +33,13 @@
 
 #include "cpu_common.h"
 #include "decode_ops.h"
+#include "quant_ops.h"
 
 namespace {
 
 constexpr int kPerLayer = 7;
+constexpr int kPerLayerQuant = 12;
+constexpr int kLinearSlots[4] = {1, 3, 5, 6};  // qkv, dense, h_to_4h, 4h_to_h in `weights`
 using bf16 = c10::BFloat16;
 
 // The step only runs where its matmuls do (fp32: AVX-512; bf16: AMX, which implies AVX-512),
@@ -48,18 +57,41 @@ float f(T v) {
   return static_cast<float>(v);
 }
 
-// y = x @ W^T (+ b): fp32 plain weights or bf16 packed ones; N = output features
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
-                     int64_t N) {
-  const c10::optional<torch::Tensor> bias =
-      b.defined() && b.numel() > 0 ? c10::optional<torch::Tensor>(b) : c10::nullopt;
-  if (x.scalar_type() != torch::kFloat) return amx_bf16_linear(x, w, N, bias);
-  return w.dim() == 3 ? panel_linear(x, w, bias) : cpu_small_linear(x, w, bias);
+// One linear of a layer: its weight, and for int4/int8 its scales and format.
+struct Linear {
+  torch::Tensor w, scales;
+  int64_t bits = 0, group = 0, ablk = 0, n = 0;  // bits 0: a float weight
+};
+
+Linear layer_linear(const torch::Tensor* w, bool quant, int slot) {
+  Linear lin{w[kLinearSlots[slot]]};
+  if (quant) {
+    lin.scales = w[7 + slot];
+    const int64_t* m = w[11].data_ptr<int64_t>() + slot * 4;
+    lin.bits = m[0], lin.group = m[1], lin.ablk = m[2], lin.n = m[3];
+  }
+  return lin;
 }
 
-int64_t out_features(const torch::Tensor& w) {
+// y = x @ W^T (+ b) in x's dtype; N = output features
+torch::Tensor linear(const torch::Tensor& x, const Linear& lin, const torch::Tensor& b, int64_t N) {
+  const c10::optional<torch::Tensor> bias =
+      b.defined() && b.numel() > 0 ? c10::optional<torch::Tensor>(b) : c10::nullopt;
+  if (lin.bits != 0) {
+    auto y = qmm(x.contiguous(), lin.w, lin.scales, lin.bits, lin.group, lin.ablk, N, 0,
+                 bias.has_value() ? c10::optional<torch::Tensor>(bias->to(torch::kFloat))
+                                  : c10::nullopt);
+    return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+  }
+  if (x.scalar_type() != torch::kFloat) return bf16_linear(x, lin.w, N, bias, 0);
+  return lin.w.dim() == 3 ? panel_linear(x, lin.w, bias) : cpu_small_linear(x, lin.w, bias);
+}
+
+int64_t out_features(const Linear& lin) {
+  const torch::Tensor& w = lin.w;
+  if (lin.bits != 0) return lin.n;
   if (w.dim() == 3) return w.size(0) * w.size(2);  // fp32 panels [N/16, K, 16]
-  return w.dim() == 2 ? w.size(0) : w.size(0) * w.size(3);  // bf16 AMX: [N/16, K/32, 16, 16, 2]
+  return w.dim() == 2 ? w.size(0) : w.size(0) * w.size(3);  // bf16: [N/16, K/32, 16, 16, 2]
 }
 
 // sum of x^2 in 16 partial sums, so the loop vectorizes without reassociation flags
@@ -144,10 +176,12 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
   const float* rp = rotation.data_ptr<float>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   auto h = torch::empty_like(x);
+  const bool quant = weights.size() == kv_caches.size() * kPerLayerQuant;
+  const size_t per_layer = quant ? kPerLayerQuant : kPerLayer;
   for (size_t l = 0; l < kv_caches.size(); ++l) {
-    const torch::Tensor* w = &weights[l * kPerLayer];
+    const torch::Tensor* w = &weights[l * per_layer];
     rms_norm(x.data_ptr<T>(), w[0].data_ptr<T>(), h.data_ptr<T>(), M, H, e);
-    auto qkv = linear(h, w[1], w[2], qkv_n);  // [M, (Hq + 2 Hkv) D]
+    auto qkv = linear(h, layer_linear(w, quant, 0), w[2], qkv_n);  // [M, (Hq + 2 Hkv) D]
     T* qp = qkv.data_ptr<T>();
     rotary(qp, qkv_n, rp, M, hq + hkv, D, rot);
 
@@ -160,20 +194,21 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
     }
     auto q = qkv.narrow(1, 0, hq * D).view({M, hq, D});
     auto attn = cpu_paged_decode_attention(q, cache[0], cache[1], block_tables, seq_lens, scale);
-    auto y = linear(attn.view({M, hq * D}), w[3], torch::Tensor(), H);
+    auto y = linear(attn.view({M, hq * D}), layer_linear(w, quant, 1), torch::Tensor(), H);
     add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
     x = y;
 
     rms_norm(x.data_ptr<T>(), w[4].data_ptr<T>(), h.data_ptr<T>(), M, H, e);
-    const int64_t ffn = out_features(w[5]) / 2;
-    auto g = linear(h, w[5], torch::Tensor(), 2 * ffn);  // [M, 2 F]
+    const Linear up = layer_linear(w, quant, 2);
+    const int64_t ffn = out_features(up) / 2;
+    auto g = linear(h, up, torch::Tensor(), 2 * ffn);  // [M, 2 F]
     auto a = torch::empty({M, ffn}, x.options());
     const T* gp = g.data_ptr<T>();
     T* ap = a.data_ptr<T>();
     chatglm_cpu::parallel_chunks(M, 4, [&](int64_t m0, int64_t m1) {
       silu_mul(gp + m0 * 2 * ffn, ap + m0 * ffn, m1 - m0, ffn);
     });
-    y = linear(a, w[6], torch::Tensor(), H);
+    y = linear(a, layer_linear(w, quant, 3), torch::Tensor(), H);
     add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
     x = y;
   }
@@ -199,14 +234,14 @@ torch::Tensor cpu_decode_stack(const torch::Tensor& x, const std::vector<torch::
               "decode_stack: x must be a contiguous [B, hidden] CPU tensor");
   TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16, "decode_stack: fp32 or bf16 only");
 #if DS_X86
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
-              "decode_stack: needs AVX-512");
+  TORCH_CHECK(chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx512),
+              "decode_stack: needs AVX-512 (and CHATGLM_SERVE_CPU_ISA not below it)");
 #else
   TORCH_CHECK(false, "decode_stack: needs an x86-64 CPU with AVX-512");
 #endif
-  TORCH_CHECK(weights.size() == kv_caches.size() * kPerLayer,
-              "decode_stack: 7 weights per layer");
+  const bool quant = weights.size() == kv_caches.size() * kPerLayerQuant;
+  TORCH_CHECK(weights.size() == kv_caches.size() * kPerLayer || quant,
+              "decode_stack: 7 weights per layer (12 quantized)");
   const int64_t M = x.size(0), H = x.size(1);
   TORCH_CHECK(rotation.scalar_type() == torch::kFloat && rotation.is_contiguous() &&
                   rotation.dim() == 3 && rotation.size(0) == M && rotation.size(2) == 2 &&
@@ -225,13 +260,17 @@ torch::Tensor cpu_decode_stack(const torch::Tensor& x, const std::vector<torch::
     const int64_t* s = slot_mapping.data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m)
       TORCH_CHECK(s[m] >= 0 && s[m] < slots, "decode_stack: slot out of range");
-    const auto* w = &weights[l * kPerLayer];
+    const auto* w = &weights[l * (quant ? kPerLayerQuant : kPerLayer)];
     for (int i : {0, 4})
       TORCH_CHECK(w[i].scalar_type() == dt && w[i].numel() == H && w[i].is_contiguous(),
                   "decode_stack: layernorm weight shape/dtype");
-    for (int i : {1, 3, 5, 6})
-      TORCH_CHECK(w[i].scalar_type() == dt && w[i].is_contiguous(),
-                  "decode_stack: linear weights must be in the model dtype");
+    for (int i : kLinearSlots)
+      TORCH_CHECK(w[i].scalar_type() == (quant ? torch::kByte : dt) && w[i].is_contiguous(),
+                  "decode_stack: linear weights must be in the model dtype (uint8 quantized)");
+    if (quant)
+      TORCH_CHECK(w[11].scalar_type() == torch::kInt64 && w[11].is_contiguous() &&
+                      w[11].numel() == 16,
+                  "decode_stack: quantized layers need an int64 [4, 4] format table");
   }
   const torch::Tensor fnorm = final_norm.has_value() ? *final_norm : torch::Tensor();
   if (dt == torch::kFloat)

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "quant_ops.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -148,8 +149,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
   __m512 accf[NB];
   for (int b = 0; b < NB; ++b) accf[b] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < p.nblk; ++blk) {
-    __m512i acc[NB];
-    for (int b = 0; b < NB; ++b) acc[b] = _mm512_set1_epi32(xc[b * p.nblk + blk]);
+    // Two accumulators per row (acc, acc2), summed at the block's end: with one, every
+    // vpdpbusd waited for the last (latency ~5 cycles), which capped one row at ~13 bytes of
+    // weight per cycle, below what a core can stream; two chains double that.
+    __m512i acc[NB], acc2[NB];
+    for (int b = 0; b < NB; ++b) {
+      acc[b] = _mm512_set1_epi32(xc[b * p.nblk + blk]);
+      acc2[b] = _mm512_setzero_si512();
+    }
     const uint8_t* wb = w + blk * p.block_bytes();
     const int8_t* xb = xq + blk * p.ablk;
     if constexpr (kInt4) {
@@ -159,19 +166,24 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
         for (int b = 0; b < NB; ++b) {
           acc[b] = _mm512_dpbusd_epi32(acc[b], lo, _mm512_set1_epi32(load4(xb + b * K + c * 8)));
-          acc[b] = _mm512_dpbusd_epi32(acc[b], hi, _mm512_set1_epi32(load4(xb + b * K + c * 8 + 4)));
+          acc2[b] =
+              _mm512_dpbusd_epi32(acc2[b], hi, _mm512_set1_epi32(load4(xb + b * K + c * 8 + 4)));
         }
       }
     } else {
-      for (int64_t c = 0; c < p.ablk / 4; ++c) {
+      for (int64_t c = 0; c < p.ablk / 4; c += 2) {  // ablk is a multiple of 32: c + 1 exists
         const __m512i v = _mm512_loadu_si512(wb + c * 64);
-        for (int b = 0; b < NB; ++b)
+        const __m512i v2 = _mm512_loadu_si512(wb + c * 64 + 64);
+        for (int b = 0; b < NB; ++b) {
           acc[b] = _mm512_dpbusd_epi32(acc[b], v, _mm512_set1_epi32(load4(xb + b * K + c * 4)));
+          acc2[b] =
+              _mm512_dpbusd_epi32(acc2[b], v2, _mm512_set1_epi32(load4(xb + b * K + c * 4 + 4)));
+        }
       }
     }
     const __m512 s = _mm512_loadu_ps(p.scale_of_block(blk, t));
     for (int b = 0; b < NB; ++b)
-      accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]),
+      accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[b], acc2[b])),
                                 _mm512_mul_ps(s, _mm512_set1_ps(xs[b * p.nblk + blk])), accf[b]);
   }
   const int64_t ncols = std::min<int64_t>(kTileRows, p.n - t * kTileRows);
@@ -404,20 +416,20 @@ bool amx_usable() {
 }
 #endif  // QM_X86
 
-// Batch rows per pass: all accumulators must stay in registers (32 zmm: 2 per row + 4 fixed;
+// Batch rows per pass: all accumulators must stay in registers (32 zmm: 3 per row + 4 fixed;
 // 16 ymm for AVX2: 4 per row + 5 fixed).
-constexpr int kNbAvx512 = 8;
+constexpr int kNbAvx512 = 6;
 constexpr int kNbAvx2 = 2;
 
+// Whether this CPU has the path and CHATGLM_SERVE_CPU_ISA (cpu_common.h) allows it.
 bool cpu_has(const char* feature) {
+  using chatglm_cpu::Isa;
+  using chatglm_cpu::isa_allowed;
 #if QM_X86
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vnni");
-  if (std::strcmp(feature, "amx") == 0) return avx512 && amx_usable();
-  if (std::strcmp(feature, "avx512_vnni") == 0) return avx512;
-  if (std::strcmp(feature, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(feature, "amx") == 0)
+    return isa_allowed(Isa::kAmx) && isa_allowed(Isa::kAvx512Vnni) && amx_usable();
+  if (std::strcmp(feature, "avx512_vnni") == 0) return isa_allowed(Isa::kAvx512Vnni);
+  if (std::strcmp(feature, "avx2") == 0) return isa_allowed(Isa::kAvx2);
 #endif
   return std::strcmp(feature, "scalar") == 0;
 }
@@ -538,11 +550,4 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor w, torch::Tensor sw, int64_t bi
       for (int64_t j = 0; j < n; ++j) yp[b * n + j] += bp[j];
   }
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qmm", &qmm, "weight-only int4/int8 matmul (packed layout, see source)", py::arg("x"),
-        py::arg("w"), py::arg("sw"), py::arg("bits"), py::arg("group"), py::arg("ablk"), py::arg("n"),
-        py::arg("impl"), py::arg("bias") = py::none());
-  m.def("available_impls", &available_impls, "implementations this CPU can run");
 }
