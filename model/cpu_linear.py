@@ -210,7 +210,9 @@ def log_paths() -> dict[str, str]:
         "decode step": "one C++ call" if "avx512" in isas else "layer by layer (PyTorch)",
     }
     log.info(
-        "CPU kernels: ISAs %s; %s", ",".join(isas) or "none", "; ".join(f"{k}: {v}" for k, v in paths.items())
+        "CPU kernels: ISAs %s; %s",
+        ",".join(isas) or "none",
+        "; ".join(f"{k}: {v}" for k, v in paths.items()),
     )
     return paths
 

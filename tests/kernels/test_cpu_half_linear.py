@@ -116,7 +116,12 @@ def test_isa_cap_forces_the_lower_paths(cap):
         pytest.skip(f"this CPU has no {cap}")
     env = {**os.environ, "CHATGLM_SERVE_CPU_ISA": cap, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", PROBE],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
