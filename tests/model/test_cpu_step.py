@@ -49,6 +49,19 @@ def _decode_logits(model: ChatGLMForCausalLM, stack: bool, steps: int = 3) -> li
     return out
 
 
+def _count_stack_calls(monkeypatch) -> list[int]:
+    """The row count of every one-call step taken from now on (the step still runs)."""
+    calls: list[int] = []
+    real = cpu_decode.decode_stack
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_step.cpu_decode, "decode_stack", counting)
+    return calls
+
+
 @pytest.mark.parametrize("cfg", [{}, {"add_qkv_bias": False}, {"num_layers": 3, "rope_ratio": 4.0}])
 def test_fp32_step_matches_layers(cfg):
     _needs(torch.float32)
@@ -79,13 +92,7 @@ def test_quantized_step_matches_layers(monkeypatch, bits, group):
     qkv = model.layers[0].self_attention.query_key_value
     assert isinstance(qkv, QuantLinear) and qkv.path == "cpu_kernel" and qkv.bias is not None
     want = _decode_logits(model, stack=False)
-    calls = []
-    real = cpu_decode.decode_stack
-    monkeypatch.setattr(
-        cpu_step.cpu_decode,
-        "decode_stack",
-        lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k),
-    )
+    calls = _count_stack_calls(monkeypatch)
     got = _decode_logits(model, stack=True)
     assert calls == [3, 3, 3]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -96,14 +103,7 @@ def test_quantized_step_matches_layers(monkeypatch, bits, group):
 
 def test_step_is_taken_only_where_it_applies(monkeypatch):
     _needs(torch.float32)
-    calls = []
-    real = cpu_decode.decode_stack
-
-    def counting(x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(cpu_step.cpu_decode, "decode_stack", counting)
+    calls = _count_stack_calls(monkeypatch)
     model = _model(torch.float32)
     runner = PagedRunner(model, max_seqs=20)
     runner.step([(0, PROMPTS[0])])  # a prefill: layer by layer
@@ -133,13 +133,7 @@ def test_plain_fp32_linears_take_at_most_16_rows(monkeypatch):
                 plain.weight.copy_(panel.weight)
             plain.__class__ = SmallBatchLinear
             setattr(mlp, name, plain)
-    calls = []
-    real = cpu_decode.decode_stack
-    monkeypatch.setattr(
-        cpu_step.cpu_decode,
-        "decode_stack",
-        lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k),
-    )
+    calls = _count_stack_calls(monkeypatch)
     runner = PagedRunner(model, max_seqs=20)
     for seq in range(17):
         runner.step([(seq, [4, 5])])
