@@ -4,9 +4,10 @@
 // weight feeds both, so one layout serves every x86 server.
 //
 // Why our own kernel: a decode step's speed is the weight stream. oneDNN's packed bf16 linear on
-// an AVX-512 CPU without AMX reads the medium model's weights at about half the read bandwidth,
-// where llama.cpp's f16 reaches ~90%. Here each weight byte is loaded once per step, whatever
-// the row count, and used for up to kMaxRows x rows from registers.
+// an AVX-512 EPYC without AMX read the medium model's weights at about half the read bandwidth
+// (45 tok/s at batch 1, llama.cpp's f16 80); this kernel reads them at ~87% (93 tok/s, 1.13x
+// llama.cpp f16: bench/README.md). Each weight byte is loaded once per step whatever the row
+// count and feeds up to 6 rows from registers, so 16 rows cost ~1.5x one row's time.
 //
 // Layout: amx_bf16_pack's [N/16, K/32, 16, 16, 2] (N padded to 16 and K to 32 with zeros by
 // bf16_pack where they are not multiples). Row r of chunk c of tile t is 64 bytes: lane n holds
