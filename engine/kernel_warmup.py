@@ -107,6 +107,9 @@ class BackgroundKernelBuild:
         if not self.ok:
             return
         build.forget_unavailable()
+        from chatglm_serve.model.cpu_linear import log_paths
+
+        log_paths.cache_clear()  # logged while nothing was built: say the real paths now
         t0 = time.monotonic()
         names = model.optimize_for_cpu() if hasattr(model, "optimize_for_cpu") else []
         quantized = sum(

@@ -100,6 +100,7 @@ def forget_unavailable() -> None:
         cpu_kernels_or_none,
         cpu_decode.decode_kernels_or_none,
         cpu_decode.amx_bf16_available,
+        cpu_decode.allowed_isas,
     ):
         cached.cache_clear()
 
