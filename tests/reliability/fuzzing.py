@@ -68,8 +68,12 @@ def error_shape_problem(body: Any) -> str | None:
     return None
 
 
+# What a streamed event's "object" is, per OpenAI: chat chunks, and completions' own objects.
+CHUNK_OBJECTS = {"chat.completion.chunk", "text_completion"}
+
+
 def sse_problem(text: str, complete: bool = True) -> str | None:
-    """None when `text` is a chat completion stream (chunks, maybe an error, then [DONE]; only
+    """None when `text` is a (chat) completion stream (chunks, maybe an error, then [DONE]; only
     whole events when the client stopped reading early: complete=False)."""
     events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
     if complete and (not events or events[-1] != "[DONE]"):
@@ -85,9 +89,7 @@ def sse_problem(text: str, complete: bool = True) -> str | None:
             problem = error_shape_problem(obj)
             if problem:
                 return f"stream error event: {problem}"
-        elif obj.get("object") != "chat.completion.chunk" or not isinstance(
-            obj.get("choices"), list
-        ):
+        elif obj.get("object") not in CHUNK_OBJECTS or not isinstance(obj.get("choices"), list):
             return f"stream event is not a chunk: {event[:200]!r}"
     return None
 
