@@ -279,12 +279,10 @@ def test_torchrun_m_chatglm_serve_serves_http_from_rank_0(tmp_path):
     """`torchrun -m chatglm_serve --tensor-parallel-size 2`, as the README says, from a folder
     that is not the checkout (the installed package, not the source tree, is what runs)."""
     import signal
-    import socket
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.daemon import free_port, wait_healthy
+
+    port = free_port()
     env = {
         k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("CHATGLM_")
     }
@@ -299,16 +297,7 @@ def test_torchrun_m_chatglm_serve_serves_http_from_rank_0(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the torchrun daemon did not become healthy"
-            time.sleep(0.2)
+        wait_healthy(url, proc, 180, what="the torchrun daemon")
         r = httpx.post(
             url + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4},

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from chatglm_serve.server.terminal_chat import WELCOME, chat_loop, engine_reply, http_reply
+from tests.daemon import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,12 +96,6 @@ def test_chat_over_http_equals_in_process_greedy(engine, live):
     assert outs[0] == outs[1] and "ChatGLM：" in outs[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATGLM_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -156,7 +150,7 @@ def _new_request_during_drain(url: str) -> str | int:
 # finish_reason "abort"), which must still close the stream properly before uvicorn gives up.
 @pytest.mark.parametrize("shutdown_timeout", ["20", "0"])
 def test_serve_process_and_graceful_sigterm(shutdown_timeout):
-    port = _free_port()
+    port = free_port()
     env = _env()
     env["CHATGLM_MAX_MODEL_LEN"] = "2048"  # env var under the flags, over the YAML
     proc = subprocess.Popen(
@@ -179,16 +173,7 @@ def test_serve_process_and_graceful_sigterm(shutdown_timeout):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "daemon did not become healthy"
-            time.sleep(0.1)
+        wait_healthy(url, proc, 120)
         models = httpx.get(url + "/v1/models").json()
         assert models["data"][0]["id"] == "chatglm2-6b"
 

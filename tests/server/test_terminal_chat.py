@@ -9,13 +9,13 @@ import os
 import pty
 import select
 import signal
-import socket
 import sys
 import time
 
 import pytest
 
 from chatglm_serve.server.terminal_chat import WELCOME, chat_loop, http_reply
+from tests.daemon import free_port
 from tests.server.test_cli import ROOT, _env, recording, scripted
 
 ANSWER = "ChatGLM："
@@ -172,9 +172,7 @@ def test_a_failed_turn_is_shown_and_not_kept(live):
 
 
 def test_unreachable_daemon_is_an_error_not_a_traceback():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     reply, calls = recording(http_reply(f"http://127.0.0.1:{port}", None, 0, None, 4))
     out = _run(reply, ["q1", "q2"])
     assert out.count("[error] cannot reach the daemon") == 2
