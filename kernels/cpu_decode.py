@@ -30,7 +30,7 @@ SOURCES = [
     CSRC / "cpu" / "decode_stack.cpp",
     CSRC / "cpu" / "decode_bindings.cpp",
 ]
-HEADERS = [*CPU_HEADERS, CSRC / "cpu" / "decode_ops.h"]
+HEADERS = [*CPU_HEADERS, CSRC / "cpu" / "decode_ops.h", CSRC / "cpu" / "decode_loops.h"]
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 SMALL_LINEAR_MAX_ROWS = 16  # = kMaxM in small_gemm.cpp
 

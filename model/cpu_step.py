@@ -4,8 +4,9 @@ On a CPU the layer-by-layer forward of model/chatglm.py costs ~30 small ops and 
 per layer (norms, rotary, cache writes, SwiGLU, residuals): about a fifth of a batch-1 step of
 the medium model, and about half of an int4 one. For decode-only steps whose linears are our
 CPU decode ones (fp32 `PanelLinear`, or `SmallBatchLinear` up to 16 rows; bf16 `Bf16Linear`;
-`QuantLinear` on the CPU kernel in an fp32 model), decode_stack.cpp runs the same arithmetic in
-one C++ call; anything else returns None and the caller runs the layers itself.
+`QuantLinear` on the CPU kernel under fp32 or bf16 activations), decode_stack.cpp runs the same
+arithmetic in one C++ call, on AVX-512, AVX2 or baseline code as the CPU allows; anything else
+returns None and the caller runs the layers itself.
 """
 
 from __future__ import annotations
@@ -113,19 +114,13 @@ def _state_key(model: ChatGLMForCausalLM, kv_caches: list[Tensor]) -> list:
 def _make_plan(model: ChatGLMForCausalLM, kv_caches: list[Tensor], key: list) -> _StepPlan:
     t = model.transformer
     emb = t.embedding.word_embeddings.weight
-    if (
-        emb.device.type != "cpu"
-        or emb.dtype not in (torch.float32, torch.bfloat16)
-        or not cpu_decode.has_avx512()  # the step's own loops are AVX-512
-    ):
+    if emb.device.type != "cpu" or emb.dtype not in (torch.float32, torch.bfloat16):
         return _StepPlan(key, None, 0)
     # the linears the C++ step can call: packed ones (any rows), plain fp32 ones (up to 16 rows),
-    # int4/int8 ones on the CPU kernel with its automatic ISA choice (fp32 models)
+    # int4/int8 ones on the CPU kernel with its automatic ISA choice (fp32 or bf16 activations)
     packed_cls = PanelLinear if emb.dtype == torch.float32 else Bf16Linear
     plain_ok = emb.dtype == torch.float32
-    quant = emb.dtype == torch.float32 and isinstance(
-        t.encoder.layers[0].self_attention.query_key_value, QuantLinear
-    )
+    quant = isinstance(t.encoder.layers[0].self_attention.query_key_value, QuantLinear)
     max_rows = sys.maxsize
     weights: list[Tensor] = []
     for layer, cache in zip(t.encoder.layers, kv_caches, strict=True):

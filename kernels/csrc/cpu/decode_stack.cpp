@@ -10,9 +10,9 @@
 // model paid ~0.1 ms of Python and dispatch per linear per step here before: about as much as
 // its int4 weights take to stream.
 //
-// Numerics follow model/chatglm.py step by step, including where bf16 rounds: RMSNorm in fp32,
-// rounded, then scaled by the weight in bf16; rotary in fp32; silu rounded before the product;
-// residual sums rounded. Per layer, `weights` holds 7 tensors in this order:
+// The element-wise loops (decode_loops.h) are compiled for AVX-512, AVX2 and the baseline ISA and
+// picked like the kernels (cpu_common.h), so an AVX2-only server takes this step too (bf16 and
+// int4/int8 linears; fp32 panels need AVX-512). Per layer, `weights` holds 7 tensors in order:
 //   input_layernorm [H], query_key_value W and bias (empty: none), dense W, post_attention_layernorm [H],
 //   dense_h_to_4h W, dense_4h_to_h W
 // where W is fp32 [N, K] or panels, or bf16 packed (bf16_pack). A quantized model (uint8 W
@@ -42,20 +42,27 @@ constexpr int kPerLayerQuant = 12;
 constexpr int kLinearSlots[4] = {1, 3, 5, 6};  // qkv, dense, h_to_4h, 4h_to_h in `weights`
 using bf16 = c10::BFloat16;
 
-// The step only runs where its matmuls do (fp32: AVX-512; bf16: AMX, which implies AVX-512),
-// so its element-wise loops are compiled for AVX-512 outright.
+// The element-wise loops, once per instruction set (decode_loops.h); run<> takes one set.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define DS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+namespace avx512 {
+#define DS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#include "decode_loops.h"
+#undef DS_TARGET
+}  // namespace avx512
+namespace avx2 {
+#define DS_TARGET __attribute__((target("avx2,fma")))
+#include "decode_loops.h"
+#undef DS_TARGET
+}  // namespace avx2
 #define DS_X86 1
 #else
-#define DS_AVX512
 #define DS_X86 0
 #endif
-
-template <typename T>
-float f(T v) {
-  return static_cast<float>(v);
-}
+namespace baseline {
+#define DS_TARGET
+#include "decode_loops.h"
+#undef DS_TARGET
+}  // namespace baseline
 
 // One linear of a layer: its weight, and for int4/int8 its scales and format.
 struct Linear {
@@ -94,77 +101,7 @@ int64_t out_features(const Linear& lin) {
   return w.dim() == 2 ? w.size(0) : w.size(0) * w.size(3);  // bf16: [N/16, K/32, 16, 16, 2]
 }
 
-// sum of x^2 in 16 partial sums, so the loop vectorizes without reassociation flags
-template <typename T>
-DS_AVX512 float sum_squares(const T* x, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += f(x[i + l]) * f(x[i + l]);
-  float s = 0.f;
-  for (; i < n; ++i) s += f(x[i]) * f(x[i]);
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  return s;
-}
-
-// out[m] = rmsnorm(x[m]) * weight, as model/chatglm.py's RMSNorm for the dtype
-template <typename T>
-DS_AVX512 void rms_norm(const T* x, const T* weight, T* out, int64_t M, int64_t H, float eps) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* xm = x + m * H;
-    T* om = out + m * H;
-    const float ss = sum_squares(xm, H);
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
-    for (int64_t i = 0; i < H; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
-        om[i] = xm[i] * r * weight[i];
-      } else {  // half precision: normalise in fp32, round, then scale in the dtype
-        om[i] = T(f(weight[i]) * f(T(f(xm[i]) * r)));
-      }
-    }
-  }
-}
-
-// rotate q and k heads (the first nheads of each row) on channels [0, rot) as pairs (2i, 2i+1)
-template <typename T>
-DS_AVX512 void rotary(T* qkv, int64_t ld, const float* rotation, int64_t M, int64_t nheads, int64_t D,
-            int64_t rot) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* cs = rotation + m * rot;  // [rot/2, 2]
-    for (int64_t h = 0; h < nheads; ++h) {
-      T* p = qkv + m * ld + h * D;
-      for (int64_t i = 0; i < rot / 2; ++i) {
-        const float x0 = f(p[2 * i]), x1 = f(p[2 * i + 1]), c = cs[2 * i], s = cs[2 * i + 1];
-        p[2 * i] = T(x0 * c - x1 * s);
-        p[2 * i + 1] = T(x1 * c + x0 * s);
-      }
-    }
-  }
-}
-
-// out[m, j] = silu(g[m, j]) * g[m, F + j]; half precision rounds silu first, as F.silu does
-// (sigmoid from e^-|a|, so the exponent is never positive)
-template <typename T>
-DS_AVX512 void silu_mul(const T* g, T* out, int64_t M, int64_t F) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* gm = g + m * 2 * F;
-    T* om = out + m * F;
-    for (int64_t j = 0; j < F; ++j) {
-      const float a = f(gm[j]);
-      const float e = chatglm_cpu::exp_nonpositive(-std::fabs(a));
-      const float sig = (a >= 0.f ? 1.f : e) / (1.f + e);
-      const T s = T(a * sig);
-      om[j] = T(f(s) * f(gm[F + j]));
-    }
-  }
-}
-
-template <typename T>
-DS_AVX512 void add_(T* y, const T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = T(f(y[i]) + f(x[i]));
-}
-
-template <typename T>
+template <typename T, typename L>
 torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
                   const std::vector<torch::Tensor>& kv_caches, const torch::Tensor& final_norm,
                   const torch::Tensor& rotation, const torch::Tensor& slot_mapping,
@@ -180,10 +117,10 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
   const size_t per_layer = quant ? kPerLayerQuant : kPerLayer;
   for (size_t l = 0; l < kv_caches.size(); ++l) {
     const torch::Tensor* w = &weights[l * per_layer];
-    rms_norm(x.data_ptr<T>(), w[0].data_ptr<T>(), h.data_ptr<T>(), M, H, e);
+    L::rms_norm(x.data_ptr<T>(), w[0].data_ptr<T>(), h.data_ptr<T>(), M, H, e);
     auto qkv = linear(h, layer_linear(w, quant, 0), w[2], qkv_n);  // [M, (Hq + 2 Hkv) D]
     T* qp = qkv.data_ptr<T>();
-    rotary(qp, qkv_n, rp, M, hq + hkv, D, rot);
+    L::rotary(qp, qkv_n, rp, M, hq + hkv, D, rot);
 
     const torch::Tensor& cache = kv_caches[l];  // [2, blocks, bs, Hkv, D]
     T* kc = cache.data_ptr<T>();
@@ -195,10 +132,10 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
     auto q = qkv.narrow(1, 0, hq * D).view({M, hq, D});
     auto attn = cpu_paged_decode_attention(q, cache[0], cache[1], block_tables, seq_lens, scale);
     auto y = linear(attn.view({M, hq * D}), layer_linear(w, quant, 1), torch::Tensor(), H);
-    add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
+    L::add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
     x = y;
 
-    rms_norm(x.data_ptr<T>(), w[4].data_ptr<T>(), h.data_ptr<T>(), M, H, e);
+    L::rms_norm(x.data_ptr<T>(), w[4].data_ptr<T>(), h.data_ptr<T>(), M, H, e);
     const Linear up = layer_linear(w, quant, 2);
     const int64_t ffn = out_features(up) / 2;
     auto g = linear(h, up, torch::Tensor(), 2 * ffn);  // [M, 2 F]
@@ -206,15 +143,15 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
     const T* gp = g.data_ptr<T>();
     T* ap = a.data_ptr<T>();
     chatglm_cpu::parallel_chunks(M, 4, [&](int64_t m0, int64_t m1) {
-      silu_mul(gp + m0 * 2 * ffn, ap + m0 * ffn, m1 - m0, ffn);
+      L::silu_mul(gp + m0 * 2 * ffn, ap + m0 * ffn, m1 - m0, ffn);
     });
     y = linear(a, layer_linear(w, quant, 3), torch::Tensor(), H);
-    add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
+    L::add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
     x = y;
   }
   if (final_norm.defined()) {
     auto out = torch::empty_like(x);
-    rms_norm(x.data_ptr<T>(), final_norm.data_ptr<T>(), out.data_ptr<T>(), M, H, e);
+    L::rms_norm(x.data_ptr<T>(), final_norm.data_ptr<T>(), out.data_ptr<T>(), M, H, e);
     return out;
   }
   return x;
@@ -233,12 +170,6 @@ torch::Tensor cpu_decode_stack(const torch::Tensor& x, const std::vector<torch::
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(),
               "decode_stack: x must be a contiguous [B, hidden] CPU tensor");
   TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16, "decode_stack: fp32 or bf16 only");
-#if DS_X86
-  TORCH_CHECK(chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx512),
-              "decode_stack: needs AVX-512 (and CHATGLM_SERVE_CPU_ISA not below it)");
-#else
-  TORCH_CHECK(false, "decode_stack: needs an x86-64 CPU with AVX-512");
-#endif
   const bool quant = weights.size() == kv_caches.size() * kPerLayerQuant;
   TORCH_CHECK(weights.size() == kv_caches.size() * kPerLayer || quant,
               "decode_stack: 7 weights per layer (12 quantized)");
@@ -273,9 +204,17 @@ torch::Tensor cpu_decode_stack(const torch::Tensor& x, const std::vector<torch::
                   "decode_stack: quantized layers need an int64 [4, 4] format table");
   }
   const torch::Tensor fnorm = final_norm.has_value() ? *final_norm : torch::Tensor();
-  if (dt == torch::kFloat)
-    return run<float>(x, weights, kv_caches, fnorm, rotation, slot_mapping, block_tables,
-                      seq_lens, hq, hkv, head_dim, eps, scale);
-  return run<bf16>(x, weights, kv_caches, fnorm, rotation, slot_mapping, block_tables, seq_lens,
-                   hq, hkv, head_dim, eps, scale);
+  auto go = [&](auto loops) {
+    using L = decltype(loops);
+    if (dt == torch::kFloat)
+      return run<float, L>(x, weights, kv_caches, fnorm, rotation, slot_mapping, block_tables,
+                           seq_lens, hq, hkv, head_dim, eps, scale);
+    return run<bf16, L>(x, weights, kv_caches, fnorm, rotation, slot_mapping, block_tables,
+                        seq_lens, hq, hkv, head_dim, eps, scale);
+  };
+#if DS_X86
+  if (chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx512)) return go(avx512::Loops{});
+  if (chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx2)) return go(avx2::Loops{});
+#endif
+  return go(baseline::Loops{});
 }

@@ -159,9 +159,9 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void values_avx512(
   }
 }
 
+// the CPU's AVX-512, unless CHATGLM_SERVE_CPU_ISA caps it (the tests check the lower paths so)
 bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq");
+  static const bool ok = chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx512);
   return ok;
 }
 #else
