@@ -221,9 +221,29 @@ def convert_peers(args: argparse.Namespace, labels: list[str]) -> None:
         subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
 
 
-# llama.cpp's AMX repacking of q4_0/q8_0 weights crashes (SIGSEGV in ggml_backend_amx_mul_mat)
-# on this machine's CPU: the quantized rows run its peer script with repacking off, the same
-# as llama-server --no-repack, by patching the default model params before the script runs.
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def llama_repack(choice: str) -> bool:
+    """Whether llama.cpp may repack q4_0/q8_0 weights. It does by default (its interleaved
+    layouts are its fast path on AVX2/AVX-512), so we compare against that; only its AMX path
+    crashed on our Xeon (SIGSEGV in ggml_backend_amx_mul_mat), so "auto" turns repacking off
+    on CPUs with AMX, and says so in the table."""
+    if choice == "auto":
+        return "amx_tile" not in cpu_flags()
+    return choice == "on"
+
+
+# Repacking off for llama.cpp's Python binding: patch the default model params before the
+# peer script runs (the same as llama-server --no-repack).
 NO_REPACK = """
 import runpy, sys
 import llama_cpp.llama_cpp as lc
@@ -244,7 +264,9 @@ def run_peer(args: argparse.Namespace, kind: str, detail: str) -> dict:
         return {"error": f"{path} missing (--convert makes it)"}
     script = "llama_cpp_peer.py" if kind == "llama" else "chatglm_cpp_peer.py"
     cmd = [args.peers_python, str(Path(args.peers_scripts) / script), "bench", str(path)]
-    no_repack = kind == "llama" and detail not in ("f32", "f16") and not args.llama_repack
+    no_repack = (
+        kind == "llama" and detail not in ("f32", "f16") and not llama_repack(args.llama_repack)
+    )
     if no_repack:
         cmd[1:1] = ["-c", NO_REPACK]
     cmd += [args.ckpt, QUERY, "--new", str(args.new), "--reps", "1"]
@@ -319,8 +341,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument(
         "--llama-repack",
-        action="store_true",
-        help="let llama.cpp repack quantized weights (its AMX path; crashes on some CPUs)",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="llama.cpp's repacking of q4_0/q8_0 (its default); auto: on unless the CPU has AMX, "
+        "where its AMX path crashed",
     )
     ap.add_argument("--json-out", default="", help="append every measurement here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from decode_bench import llama_repack  # bench/ is this script's sys.path[0]
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_SERVER = "/tmp/peers/llama-server-build/bin/llama-server"
@@ -304,8 +305,7 @@ def start_llama(args: argparse.Namespace) -> Server:
     cmd = [args.llama_server, "-m", args.gguf, "-t", str(args.threads), "-tb", str(args.threads)]
     cmd += ["-np", str(slots), "-c", str(ctx), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--no-webui"]
-    if not args.llama_repack:
-        # its AMX repacking of q4_0/q8_0 crashes on this machine (see decode_bench.py)
+    if not llama_repack(args.llama_repack):  # see decode_bench.py
         cmd += ["--no-repack"]
     server = Server(cmd, port)
     server.wait_ready("/health", 300)
@@ -475,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--url", help="our daemon's base URL (…/v1) if already running")
     ap.add_argument("--gguf", help="the same checkpoint for llama-server")
     ap.add_argument("--llama-server", default=LLAMA_SERVER)
-    ap.add_argument("--llama-repack", action="store_true", help="allow llama.cpp's repacking")
+    ap.add_argument(
+        "--llama-repack",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="llama.cpp's weight repacking; auto: on unless the CPU has AMX (decode_bench.py)",
+    )
     ap.add_argument("--targets", default="ours,engine,llama")
     ap.add_argument("--dtype", default=None, help="ours: float32 / bfloat16 (default: the file's)")
     ap.add_argument("--quantize", type=int, choices=[4, 8], default=None)
