@@ -164,11 +164,16 @@ def _weight_bytes_hf(ref) -> int:
 
 
 def work_bandwidth(threads: int, mib: int = 1024) -> dict:
-    """Read bandwidth: best of a few sums over a buffer far larger than any cache."""
+    """Read bandwidth: best of a few sums over a buffer far larger than any cache, on huge
+    pages where ours get them (model/huge_pages.py), so the share of it is like for like."""
     import torch
 
+    from chatglm_serve.model.huge_pages import huge_page_buffer
+
     torch.set_num_threads(threads)
-    x = torch.ones(mib << 18)  # mib MiB of fp32
+    buf = huge_page_buffer(mib << 20)
+    x = buf.view(torch.float32) if buf is not None else torch.empty(mib << 18)
+    x.fill_(1.0)
     x.sum()
     best = float("inf")
     for _ in range(7):

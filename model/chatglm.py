@@ -18,6 +18,7 @@ from chatglm_serve.model.attention import AttentionMetadata, kv_cache_shape, pag
 from chatglm_serve.model.config import ChatGLMConfig, parse_dtype
 from chatglm_serve.model.cpu_linear import PackedLinear, optimize_linears
 from chatglm_serve.model.cpu_step import cpu_decode_step
+from chatglm_serve.model.huge_pages import gather_decode_weights
 
 
 class RMSNorm(nn.Module):
@@ -204,7 +205,9 @@ class ChatGLMForCausalLM(nn.Module):
         Inference only, and in place (half-precision weights are repacked): call once the
         weights are final.
         """
-        return optimize_linears(self)
+        names = optimize_linears(self)
+        gather_decode_weights(self)
+        return names
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         # the KV heads this process holds (fewer than the config's under tensor parallel)
