@@ -109,11 +109,18 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16<at::BF
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Also asks for the value rows (`vrows`), which the value pass then reads 64 bytes of per row
+// at a time: without them in cache its strided reads waited on memory (16 sequences of ~80
+// tokens in an int4 step on the EPYC: attention 5.2 -> 4.3 ms of a 15.7 ms step).
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512dq"))) void scores_avx512(
-    const float* qf, const T* const* rows, float* s, int64_t L, int64_t g, int64_t D) {
+    const float* qf, const T* const* rows, const T* const* vrows, float* s, int64_t L, int64_t g,
+    int64_t D) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < L; ++t) {
     const T* k = rows[t];
+    for (int64_t b = 0; b < row_bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(vrows[t]) + b, _MM_HINT_T0);
     int64_t j = 0;
     for (; j + 4 <= g; j += 4) {
       const float* q0 = qf + j * D;
@@ -217,7 +224,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       }
       if (fast) {
 #if PA_X86
-        scores_avx512<T>(qf.data(), rows_k.data(), s, L, g, D);
+        scores_avx512<T>(qf.data(), rows_k.data(), rows_v.data(), s, L, g, D);
 #endif
       } else {
         for (int64_t t = 0; t < L; ++t)
