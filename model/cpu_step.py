@@ -12,6 +12,7 @@ returns None and the caller runs the layers itself.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ class _StepPlan:
     from Python every step cost ~0.6 ms, about a sixth of an int4 batch-1 step."""
 
     key: list  # the objects the plan was made from (see _state_key), compared by identity
+    caches: list[weakref.ref]  # the KV caches it was checked against (weak: a closed engine's
+    # caches are freed with it, not kept alive by the model)
     weights: list[Tensor] | None  # None: the step does not apply to these modules
     max_rows: int  # plain fp32 linears (SmallBatchLinear) take at most 16 rows
 
@@ -73,12 +76,14 @@ def _plan(model: ChatGLMForCausalLM, kv_caches: list[Tensor]) -> _StepPlan:
     """The model's step plan, made again whenever a module, parameter, packed weight, kernel
     path or cache it depends on is no longer the same object (kernel warm-up, a test pinning an
     ISA, a state-dict load into packed linears)."""
-    key = _state_key(model, kv_caches)
+    key = _state_key(model)
     plan = model.__dict__.get("_cpu_step_plan")
     if (
         plan is None
         or len(plan.key) != len(key)
         or any(a is not b for a, b in zip(plan.key, key, strict=True))
+        or len(plan.caches) != len(kv_caches)
+        or any(r() is not c for r, c in zip(plan.caches, kv_caches, strict=True))
     ):
         plan = _make_plan(model, kv_caches, key)
         model.__dict__["_cpu_step_plan"] = plan
@@ -100,9 +105,9 @@ def _layer_modules(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     )
 
 
-def _state_key(model: ChatGLMForCausalLM, kv_caches: list[Tensor]) -> list:
+def _state_key(model: ChatGLMForCausalLM) -> list:
     t = model.transformer._modules
-    key: list = [*kv_caches, t["embedding"]._modules["word_embeddings"]._parameters["weight"]]
+    key: list = [t["embedding"]._modules["word_embeddings"]._parameters["weight"]]
     for layer in t["encoder"]._modules["layers"]:
         for mod in _layer_modules(layer):
             d = mod.__dict__
@@ -113,9 +118,10 @@ def _state_key(model: ChatGLMForCausalLM, kv_caches: list[Tensor]) -> list:
 
 def _make_plan(model: ChatGLMForCausalLM, kv_caches: list[Tensor], key: list) -> _StepPlan:
     t = model.transformer
+    caches = [weakref.ref(c) for c in kv_caches]
     emb = t.embedding.word_embeddings.weight
     if emb.device.type != "cpu" or emb.dtype not in (torch.float32, torch.bfloat16):
-        return _StepPlan(key, None, 0)
+        return _StepPlan(key, caches, None, 0)
     # the linears the C++ step can call: packed ones (any rows), plain fp32 ones (up to 16 rows),
     # int4/int8 ones on the CPU kernel with its automatic ISA choice (fp32 or bf16 activations)
     packed_cls = PanelLinear if emb.dtype == torch.float32 else Bf16Linear
@@ -141,7 +147,7 @@ def _make_plan(model: ChatGLMForCausalLM, kv_caches: list[Tensor], key: list) ->
             or cache.device.type != "cpu"
             or not cache.is_contiguous()
         ):
-            return _StepPlan(key, None, 0)
+            return _StepPlan(key, caches, None, 0)
         if any(type(lin) is SmallBatchLinear for lin in linears):
             max_rows = cpu_decode.SMALL_LINEAR_MAX_ROWS
         qkv_w, dense_w, up_w, down_w = (
@@ -160,7 +166,7 @@ def _make_plan(model: ChatGLMForCausalLM, kv_caches: list[Tensor], key: list) ->
         if quant:
             weights += [lin.weight_scale for lin in linears]
             weights.append(_quant_formats(linears))
-    return _StepPlan(key, weights, max_rows)
+    return _StepPlan(key, caches, weights, max_rows)
 
 
 def _quant_ok(lin: object) -> bool:

@@ -220,3 +220,23 @@ def test_weights_are_gathered_once_and_again_after_a_change(monkeypatch):
     want = runner.step([(0, [8])])
     assert not torch.allclose(want, before)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dropped_runner_s_caches_are_freed():
+    """The model keeps its step plan, but not the KV caches of an engine that is gone."""
+    import gc
+    import weakref
+
+    _needs(torch.float32)
+    model = _model(torch.float32)
+    runner = PagedRunner(model)
+    runner.step([(0, PROMPTS[0])])
+    runner.step([(0, [5])])
+    assert "_cpu_step_plan" in model.__dict__
+    cache = weakref.ref(runner.caches[0])
+    del runner
+    gc.collect()
+    assert cache() is None
+    runner = PagedRunner(model)  # a new engine on the same model: a plan for its caches
+    runner.step([(0, PROMPTS[1])])
+    assert runner.step([(0, [5])]).shape == (1, 320)
