@@ -9,9 +9,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(_OPENMP)
 #include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #endif
 
 #if defined(__linux__)
@@ -94,6 +99,21 @@ inline bool isa_allowed(Isa isa) {
   return isa == Isa::kScalar;
 #endif
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 16 fp32 or bf16 values as one fp32 vector (bf16 -> fp32 is a 16-bit shift, exact), for the
+// AVX-512 paths that read activations or caches of either dtype.
+template <typename T>
+__attribute__((target("avx512f,avx512bw"))) inline __m512 load16_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    static_assert(sizeof(T) == 2, "fp32 or bf16");
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+}
+#endif
 
 // fn(begin, end) over [0, n) in chunks of `grain`, each thread taking the next chunk when done
 // with its last. at::parallel_for splits the range evenly up front, so a thread the OS preempts

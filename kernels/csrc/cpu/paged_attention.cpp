@@ -92,26 +92,13 @@ inline const float* row_f32<at::BFloat16>(const at::BFloat16* row, float* buf, u
 #include <immintrin.h>
 #define PA_X86 1
 
+using chatglm_cpu::load16_f32;
+
 // AVX-512 work item: scores for 4 query heads per pass over a key row (independent FMA chains),
 // values accumulated per 16-channel slice with the accumulators in registers. D % 16 == 0.
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16(const T* p);
-
-template <>
-__attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16<float>(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-
-template <>
-__attribute__((target("avx512f,avx512bw,avx512dq"))) inline __m512 load16<at::BFloat16>(
-    const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// Also asks for the value rows (`vrows`), which the value pass then reads 64 bytes of per row
-// at a time: without them in cache its strided reads waited on memory (16 sequences of ~80
-// tokens in an int4 step on the EPYC: attention 5.2 -> 4.3 ms of a 15.7 ms step).
+// The score pass also asks for the value rows (`vrows`), which the value pass then reads 64
+// bytes of per row at a time: without them in cache its strided reads waited on memory (16
+// sequences of ~80 tokens in an int4 step on the EPYC: attention 5.2 -> 4.3 ms of a 15.7 ms step).
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512dq"))) void scores_avx512(
     const float* qf, const T* const* rows, const T* const* vrows, float* s, int64_t L, int64_t g,
@@ -126,7 +113,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void scores_avx512(
       const float* q0 = qf + j * D;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < D; d += 16) {
-        const __m512 kv = load16<T>(k + d);
+        const __m512 kv = load16_f32(k + d);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kv, a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + d), kv, a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + d), kv, a2);
@@ -140,7 +127,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void scores_avx512(
     for (; j < g; ++j) {
       __m512 a = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 16)
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * D + d), load16<T>(k + d), a);
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * D + d), load16_f32(k + d), a);
       s[j * L + t] = _mm512_reduce_add_ps(a);
     }
   }
@@ -157,7 +144,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void values_avx512(
       __m512 a[16];
       for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_setzero_ps();
       for (int64_t t = 0; t < L; ++t) {
-        const __m512 v = load16<T>(rows[t] + d);
+        const __m512 v = load16_f32(rows[t] + d);
         for (int64_t j = 0; j < nj; ++j)
           a[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(j0 + j) * L + t]), v, a[j]);
       }

@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -97,15 +96,7 @@ void quantize_block_scalar(const T* src, int64_t ablk, int32_t offset, int8_t* d
 }
 
 #if QM_X86
-template <typename T>
-__attribute__((target("avx512f,avx512bw"))) inline __m512 load16(const T* src) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(src);
-  } else {  // bf16 -> fp32 is a 16-bit shift, exact
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
+using chatglm_cpu::load16_f32;
 
 // ablk is a multiple of 32 (kMinBlock)
 template <typename T>
@@ -113,13 +104,13 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_block_avx512(const T* 
                                                                      int32_t offset, int8_t* dst,
                                                                      float* xs, int32_t* xc) {
   __m512 m = _mm512_setzero_ps();
-  for (int64_t i = 0; i < ablk; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16(src + i)));
+  for (int64_t i = 0; i < ablk; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16_f32(src + i)));
   const float amax = _mm512_reduce_max_ps(m);
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
   const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   __m512i sum = _mm512_setzero_si512();
   for (int64_t i = 0; i < ablk; i += 16) {
-    const __m512 r = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(load16(src + i), inv)));
+    const __m512 r = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(load16_f32(src + i), inv)));
     const __m512i q = _mm512_cvtps_epi32(r);  // |r| <= 127: rounding then clamping is the same
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(q));
     sum = _mm512_add_epi32(sum, q);
