@@ -226,15 +226,16 @@ def convert_peers(args: argparse.Namespace, labels: list[str]) -> None:
         subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
 
 
 def llama_repack(choice: str) -> bool:
@@ -243,7 +244,7 @@ def llama_repack(choice: str) -> bool:
     crashed on our Xeon (SIGSEGV in ggml_backend_amx_mul_mat), so "auto" turns repacking off
     on CPUs with AMX, and says so in the table."""
     if choice == "auto":
-        return "amx_tile" not in cpu_flags()
+        return "amx_tile" not in cpuinfo("flags").split()
     return choice == "on"
 
 
@@ -311,17 +312,6 @@ def run_worker(args: argparse.Namespace, label: str) -> dict:
     return json.loads(lines[-1])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def loadavg() -> float:
     try:
         return os.getloadavg()[0]
@@ -381,7 +371,7 @@ def main() -> None:
     if args.convert:
         convert_peers(args, labels)
 
-    cpu = cpu_model()
+    cpu = cpuinfo("model name") or "unknown CPU"
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}  {cpu}, {os.cpu_count()} CPUs, {args.threads} threads; "
         f"checkpoint {args.ckpt} ({cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "

@@ -79,13 +79,18 @@ def _slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     ]
 
 
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def gather_decode_weights(model: nn.Module) -> int:
     """Move the model's CPU decode weights into one huge-page buffer (see the module doc);
     returns the bytes moved (0: nothing to move, or no huge pages here). Call once the weights
     are final (after quantizing and packing); weights already gathered stay where they are."""
+    # (module, attribute) only, no tensors: each original must be freed as soon as it is copied
     slots = [(m, a) for m, a in _slots(model) if not getattr(getattr(m, a), "_huge_pages", False)]
-    sizes = [getattr(m, a).numel() * getattr(m, a).element_size() for m, a in slots]
-    total = sum((n + ALIGN - 1) // ALIGN * ALIGN for n in sizes)
+    spans = [(_nbytes(getattr(m, a)) + ALIGN - 1) // ALIGN * ALIGN for m, a in slots]
+    total = sum(spans)
     if total < HUGE_PAGE:
         return 0
     arena = huge_page_buffer(total)
@@ -93,15 +98,14 @@ def gather_decode_weights(model: nn.Module) -> int:
         return 0
     model.__dict__.pop("_cpu_step_plan", None)  # it holds the originals (model/cpu_step.py)
     at = 0
-    for (mod, attr), n in zip(slots, sizes, strict=True):
+    for (mod, attr), span in zip(slots, spans, strict=True):
         old = getattr(mod, attr)
-        new = arena[at : at + n].view(old.dtype).view(old.shape)
+        new = arena[at : at + _nbytes(old)].view(old.dtype).view(old.shape)
         new.copy_(old)
-        new._huge_pages = True
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=False)
-            new._huge_pages = True
+        new._huge_pages = True
         setattr(mod, attr, new)  # buffers and parameters stay registered as such
-        at += (n + ALIGN - 1) // ALIGN * ALIGN
+        at += span
     log.info("CPU decode weights on huge pages: %.1f MiB in one buffer", total / 2**20)
     return total
