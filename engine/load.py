@@ -52,7 +52,10 @@ def load_model(args: EngineArgs) -> tuple[Any, Any]:
     from chatglm_serve.model.loader import load_model_and_tokenizer
 
     device = devices[0] if devices else resolve_device(args.device)
-    return load_model_and_tokenizer(args.model, dtype=dtype, device=device, quantize=args.quantize)
+    # "auto": the checkpoint's dtype, or bf16 for an fp16 one on a CPU (loader.serving_dtype)
+    return load_model_and_tokenizer(
+        args.model, dtype=dtype or "auto", device=device, quantize=args.quantize
+    )
 
 
 def build_engine(args: EngineArgs) -> LLMEngine:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from chatglm_serve.kernels import cpu_decode
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.config import ChatGLMConfig, parse_dtype
 
@@ -129,6 +130,29 @@ def _shards(files: list[Path], cfg: ChatGLMConfig) -> Iterator[tuple[Path, Itera
         )
 
 
+def serving_dtype(config_dtype: torch.dtype, device: torch.device | None) -> torch.dtype:
+    """The dtype `--dtype auto` serves a checkpoint in: the config's, except fp16 on a CPU.
+
+    Real ChatGLM checkpoints are fp16. A CPU without AVX-512 FP16 has no fast fp16 matmul: our
+    CPU kernels, the one-call decode step and paged attention take fp32 and bf16 only, and fp16
+    went to oneDNN layer by layer. bf16 keeps fp16's memory and streams at the read bandwidth
+    (kernels/csrc/cpu/half_linear.cpp), at 8 mantissa bits instead of 11; `--dtype float16`
+    keeps fp16 and `--dtype float32` the exact weights. device None: a layer split (as is).
+    """
+    if (
+        config_dtype == torch.float16
+        and device is not None
+        and device.type == "cpu"
+        and "avx2" in cpu_decode.allowed_isas()
+    ):
+        log.info(
+            "fp16 checkpoint on a CPU: serving it in bfloat16, which our CPU kernels run "
+            "(--dtype float16 keeps fp16 on the slower oneDNN path, --dtype float32 is exact)"
+        )
+        return torch.bfloat16
+    return config_dtype
+
+
 def load_checkpoint(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -140,17 +164,20 @@ def load_checkpoint(
 ) -> ChatGLMForCausalLM:
     """Build the model from a checkpoint directory.
 
-    dtype: None or "auto" = the config's torch_dtype. quantize: 4 or 8 quantizes the transformer
+    dtype: None = the config's torch_dtype; "auto" = the dtype it is served in on `device`
+    (`serving_dtype`: the config's, but fp16 runs as bf16 on a CPU). quantize: 4 or 8 quantizes the transformer
     linears on the fly as they stream in (a `quantization_bit` checkpoint loads as is).
     device_for(key) -> device places each tensor for a layer-split model; default: `device`.
     tensor_parallel: a `model.tensor_parallel.TensorParallel`; this process keeps its shard only.
     """
     path = Path(path)
     cfg = ChatGLMConfig.from_json(path)
-    if dtype is None or dtype == "auto":
+    default_device = torch.device(device)
+    if dtype == "auto":
+        dtype = serving_dtype(parse_dtype(cfg.torch_dtype), None if device_for else default_device)
+    elif dtype is None:
         dtype = cfg.torch_dtype
     dtype = parse_dtype(dtype)
-    default_device = torch.device(device)
     place: DeviceFor = device_for or (lambda key: default_device)
     files = weight_files(path)
 
@@ -169,7 +196,15 @@ def load_checkpoint(
                 bits=bits, quantize_output_layer=_has_key(path, files, _HEAD_SCALE_KEY)
             )
         else:
-            spec = QuantSpec(bits=bits, group_size=_default_group(cfg, bits, group_size))
+            # on a CPU the head is quantized too, to int8: in bf16 / fp32 it was 16% / 27% of an
+            # int4 6B decode step's bytes (65024 x 4096); int8 rows keep the logits close
+            on_cpu = device_for is None and default_device.type == "cpu"
+            spec = QuantSpec(
+                bits=bits,
+                group_size=_default_group(cfg, bits, group_size),
+                quantize_output_layer=on_cpu,
+                head_bits=8 if on_cpu else None,
+            )
         replace_linears(model, spec, from_checkpoint=bool(cfg.quantization_bit))
     if tensor_parallel is not None:
         tensor_parallel.prepare(model)

@@ -59,16 +59,28 @@ class QuantSpec:
     bits: int = 4
     group_size: int | None = None  # None: one scale per output row, as the seed
     quantize_output_layer: bool = False
+    # the output layer's bits when they differ (int8 under int4, one scale per row, as
+    # llama.cpp keeps its output tensor at 6 bits under q4_0); None: `bits` and `group_size`
+    head_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.bits not in (4, 8) or self.head_bits not in (None, 4, 8):
+            raise ValueError(f"quantization bits must be 4 or 8, got {self.bits}/{self.head_bits}")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
             raise ValueError(f"group_size must be a positive even number, got {self.group_size}")
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "row")
+        name = f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "row")
+        if self.quantize_output_layer and self.head_bits not in (None, self.bits):
+            name += f"+int{self.head_bits}-head"
+        return name
+
+    def for_module(self, name: str) -> QuantSpec:
+        """The spec the module `name` is quantized with."""
+        if name == OUTPUT_LAYER and self.head_bits not in (None, self.bits):
+            return QuantSpec(bits=self.head_bits)
+        return self
 
 
 # ---------------------------------------------------------------------- the seed's format
@@ -452,7 +464,12 @@ def replace_linears(model: nn.Module, spec: QuantSpec, from_checkpoint: bool) ->
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear (quantized twice?)")
         q = QuantLinear(
-            lin.in_features, lin.out_features, lin.bias is not None, spec, from_checkpoint, name
+            lin.in_features,
+            lin.out_features,
+            lin.bias is not None,
+            spec.for_module(name),
+            from_checkpoint,
+            name,
         )
         _swap(model, name, q)
     return names
@@ -466,7 +483,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear (quantized twice?)")
-        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, spec, False, name)
+        q = QuantLinear(
+            lin.in_features,
+            lin.out_features,
+            lin.bias is not None,
+            spec.for_module(name),
+            False,
+            name,
+        )
         q.load_weight("weight", lin.weight)
         if lin.bias is not None:
             q.load_weight("bias", lin.bias)

@@ -69,7 +69,10 @@ class Settings(BaseSettings):
         "name nor an alias. Off: any name is accepted (ChatGPT-Next-Web sends OpenAI names).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; auto = the checkpoint's torch_dtype."
+        "auto",
+        description=(
+            "Weight dtype; auto = the checkpoint's torch_dtype (an fp16 one runs as bf16 on a CPU)."
+        ),
     )
     device: str = Field(
         "auto", description="cpu, cuda, cuda:N or mps; auto = cuda when available, else cpu."

@@ -33,6 +33,35 @@ def test_dtype_defaults_to_config(tiny_checkpoints):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_auto_serves_fp16_in_bf16_on_a_cpu_with_our_kernels(
+    tiny_checkpoints, monkeypatch, tmp_path
+):
+    from chatglm_serve.engine.config import EngineArgs
+    from chatglm_serve.engine.load import load_model
+    from chatglm_serve.kernels import cpu_decode
+    from chatglm_serve.model import loader
+    from chatglm_serve.model.demo import demo_checkpoint_dir
+
+    path = tmp_path / "fp16"  # config says float16; the daemon's load needs a tokenizer too
+    shutil.copytree(tiny_checkpoints["safetensors-single"], path)
+    shutil.copy(demo_checkpoint_dir(tmp_path / "demo") / "tokenizer.model", path)
+    monkeypatch.setattr(cpu_decode, "allowed_isas", lambda: ("scalar", "avx2"))
+    model = load_checkpoint(path, dtype="auto", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _tok = load_model(EngineArgs(model=str(path), device="cpu"))  # what the daemon does
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # what it says, and what it leaves alone: an explicit dtype, fp32 configs, other devices
+    assert loader.serving_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert loader.serving_dtype(torch.float16, torch.device("meta")) == torch.float16
+    assert loader.serving_dtype(torch.float16, None) == torch.float16
+    model = load_checkpoint(path, dtype="float16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    # a CPU our kernels cannot run on keeps fp16 (bf16 would be no faster there)
+    monkeypatch.setattr(cpu_decode, "allowed_isas", lambda: ())
+    model = load_checkpoint(path, dtype="auto", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
 def test_loaded_model_runs_like_the_source(tiny_checkpoints, tiny_model):
     model = load_checkpoint(tiny_checkpoints["safetensors-sharded"], dtype="float32")
     ids = list(range(5, 30))
@@ -198,7 +227,7 @@ def test_on_the_fly_int4_uses_groups_of_128_where_shapes_allow(tmp_path):
     grouped = load_checkpoint(tmp_path / "c", quantize=4)
     assert {m.group_size for m in quantized_modules(grouped)} == {128}
     row = load_checkpoint(tmp_path / "c", quantize=8)
-    assert len(quantized_modules(row)) == 4 * cfg.num_layers
+    assert len(quantized_modules(row)) == 4 * cfg.num_layers + 1  # and the head (on a CPU)
     assert all(m.group_size == m.in_features for m in quantized_modules(row))
 
 

@@ -13,6 +13,7 @@ from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.checkpoint import save_checkpoint
 from chatglm_serve.model.loader import load_checkpoint
 from chatglm_serve.model.quantize import (
+    OUTPUT_LAYER,
     QuantFormatError,
     QuantLinear,
     QuantSpec,
@@ -312,7 +313,12 @@ def test_on_the_fly_quantization_while_loading(tmp_path):
     src = _model(seed=6)
     save_checkpoint(src, src.config, tmp_path / "fp", shards=3)
     loaded = load_checkpoint(tmp_path / "fp", quantize=4)
-    in_memory = quantize_model(_model(seed=6), QuantSpec(4))
+    # on a CPU the head comes out int8 (one scale per row) under an int4 body
+    in_memory = quantize_model(
+        _model(seed=6), QuantSpec(4, quantize_output_layer=True, head_bits=8)
+    )
+    head = loaded.get_submodule(OUTPUT_LAYER)
+    assert (head.bits, head.group_size) == (8, head.in_features)
     for (name, a), b in zip(
         [(n, m) for n, m in loaded.named_modules() if isinstance(m, QuantLinear)],
         quantized_modules(in_memory),
@@ -320,6 +326,25 @@ def test_on_the_fly_quantization_while_loading(tmp_path):
     ):
         assert torch.equal(a.seed_tensors()[0], b.seed_tensors()[0]), name
         assert torch.equal(a.seed_tensors()[1], b.seed_tensors()[1]), name
+
+
+def test_int8_head_keeps_the_logits_close(tmp_path):
+    src = _model(seed=8)
+    save_checkpoint(src, src.config, tmp_path / "fp")
+    ids = list(range(3, 30))
+    want = PagedRunner(_model(seed=8)).step([(0, ids)])
+    loaded = load_checkpoint(tmp_path / "fp", quantize=8)
+    assert isinstance(loaded.get_submodule(OUTPUT_LAYER), QuantLinear)
+    body_only = quantize_model(_model(seed=8), QuantSpec(8))  # the same body, full head
+    got, ref = PagedRunner(loaded).step([(0, ids)]), PagedRunner(body_only).step([(0, ids)])
+    # the head's own error, over what the body's quantization already moved
+    head_err = (got - ref).norm() / ref.norm()
+    assert 0 < head_err < 0.01, head_err
+    assert (got - want).norm() / want.norm() < 0.02
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # elsewhere than a CPU the head stays as it was: asked for by the layer-split placement
+    split = load_checkpoint(tmp_path / "fp", quantize=8, device_for=lambda key: "cpu")
+    assert not isinstance(split.get_submodule(OUTPUT_LAYER), QuantLinear)
 
 
 def test_checkpoint_mismatch_names_the_tensor():
