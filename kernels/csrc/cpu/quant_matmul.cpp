@@ -173,6 +173,14 @@ void tile_scalar(const Problem& p, int64_t t, int64_t b0, int nb) {
 }
 
 #if QM_X86
+// The first pass over a tile (batch rows 0..7) asks for the weight bytes this far ahead; later
+// passes re-read the tile from L1/L2. At 8 rows a pass consumes a 64-byte chunk in ~16 dpbusd,
+// too slowly for the hardware prefetcher to run far enough ahead of memory latency: on the EPYC
+// every linear of the medium model at 16 rows took 8.0 ms for int4 and 10.5 for int8 without,
+// 4.5 and 6.1 with 8 KiB (4 KiB: 4.6 / 7.0; batch 1 unchanged, 4 rows 2.3 -> 1.9 ms); the AVX2
+// path (2 rows a pass) 15.3 -> 13.6 ms for int4 at 16 rows.
+constexpr int64_t kPrefetchBytes = 8192;
+
 // ---------------------------------------------------------------- AVX-512 VNNI
 template <int NB, bool kInt4>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Problem& p, int64_t t,
@@ -183,6 +191,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
   const float* xs = p.xs + b0 * p.nblk;
   const int32_t* xc = p.xc + b0 * p.nblk;
   const __m512i m0f = _mm512_set1_epi8(0x0F);
+  const int64_t pf = b0 == 0 ? kPrefetchBytes : 0;  // the first pass over the tile reads memory
   __m512 accf[NB];
   for (int b = 0; b < NB; ++b) accf[b] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < p.nblk; ++blk) {
@@ -198,6 +207,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
     const int8_t* xb = xq + blk * p.ablk;
     if constexpr (kInt4) {
       for (int64_t c = 0; c < p.ablk / 8; ++c) {
+        if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(wb + c * 64 + pf), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(wb + c * 64);
         const __m512i lo = _mm512_and_si512(v, m0f);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
@@ -209,6 +219,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const Pr
       }
     } else {
       for (int64_t c = 0; c < p.ablk / 4; c += 2) {  // ablk is a multiple of 32: c + 1 exists
+        if (pf > 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(wb + c * 64 + pf), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wb + c * 64 + 64 + pf), _MM_HINT_T0);
+        }
         const __m512i v = _mm512_loadu_si512(wb + c * 64);
         const __m512i v2 = _mm512_loadu_si512(wb + c * 64 + 64);
         for (int b = 0; b < NB; ++b) {
@@ -243,6 +257,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t t, 
   const __m256i m0f = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  const int64_t pf = b0 == 0 ? kPrefetchBytes : 0;
   __m256 accf[NB][2];
   for (int b = 0; b < NB; ++b) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
   for (int64_t blk = 0; blk < p.nblk; ++blk) {
@@ -253,6 +268,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t t, 
     const int8_t* xb = xq + blk * p.ablk;
     if constexpr (kInt4) {
       for (int64_t c = 0; c < p.ablk / 8; ++c) {
+        if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(wb + c * 64 + pf), _MM_HINT_T0);
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
           const __m256i lo = _mm256_and_si256(v, m0f);
@@ -268,6 +284,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t t, 
       }
     } else {
       for (int64_t c = 0; c < p.ablk / 4; ++c) {
+        if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(wb + c * 64 + pf), _MM_HINT_T0);
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
           const __m256i ws = _mm256_xor_si256(v, bias);  // back to signed q
