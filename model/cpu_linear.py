@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chatglm_serve.kernels import cpu_decode
+from chatglm_serve.model.changes import note_change
 
 log = logging.getLogger(__name__)
 # oneDNN picks its blocking for this many rows; measured fastest for 1 row and for 512
@@ -73,6 +74,10 @@ def can_pack(weight: Tensor) -> bool:
 
 class PackedLinear(nn.Module):
     """`y = x W^T + b` with W held in oneDNN's blocked layout (CPU, bf16/fp16)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        note_change()  # `packed` and the kernel choice are plain attributes (model/changes.py)
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chatglm_serve.kernels.build import cpu_kernels_or_none
+from chatglm_serve.model.changes import note_change
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,10 @@ class QuantLinear(nn.Module):
     from_checkpoint=True: expects the seed's `weight` (int8) and `weight_scale` (fp16).
     from_checkpoint=False: expects the full-precision `weight` [out, in] and quantizes it at once.
     """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        note_change()  # path, cpu_impl, the format: plain attributes (model/changes.py)
 
     def __init__(
         self,

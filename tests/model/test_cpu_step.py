@@ -222,6 +222,35 @@ def test_weights_are_gathered_once_and_again_after_a_change(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_modules_are_compared_again_only_after_an_assignment(monkeypatch):
+    """Steps with nothing assigned in between reuse the plan without walking the modules; a
+    parameter assignment (torch's registration hook, model/changes.py) makes the next step
+    compare them, and the new weight is used."""
+    _needs(torch.float32)
+    walks = []
+    real = cpu_step._state_key
+    monkeypatch.setattr(cpu_step, "_state_key", lambda m: walks.append(1) or real(m))
+    calls = _count_stack_calls(monkeypatch)
+    model = _model(torch.float32)
+    runner = PagedRunner(model)
+    runner.step([(0, PROMPTS[0])])
+    runner.step([(0, [5])])
+    walked = len(walks)
+    for tok in (6, 7, 8):
+        runner.step([(0, [tok])])
+    assert len(walks) == walked and len(calls) == 4
+
+    norm = model.transformer.encoder.layers[0].input_layernorm
+    saved = [c.clone() for c in runner.caches]
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 2)
+    got = runner.step([(0, [9])])
+    assert len(walks) == walked + 1 and len(calls) == 5
+    runner.caches, runner.lens[0] = saved, runner.lens[0] - 1
+    model.use_decode_stack = False
+    want = runner.step([(0, [9])])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_dropped_runner_s_caches_are_freed():
     """The model keeps its step plan, but not the KV caches of an engine that is gone."""
     import gc
