@@ -460,23 +460,30 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
+def _quant_for(
+    model: nn.Module, name: str, spec: QuantSpec, from_checkpoint: bool
+) -> tuple[nn.Linear, QuantLinear]:
+    """The linear `name` and an empty QuantLinear of its shape, in the spec for that module."""
+    lin = model.get_submodule(name)
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear (quantized twice?)")
+    q = QuantLinear(
+        lin.in_features,
+        lin.out_features,
+        lin.bias is not None,
+        spec.for_module(name),
+        from_checkpoint,
+        name,
+    )
+    return lin, q
+
+
 def replace_linears(model: nn.Module, spec: QuantSpec, from_checkpoint: bool) -> list[str]:
     """Swap the transformer linears (and the output layer if the spec says so) for empty
     QuantLinears; nothing full-precision is allocated. Returns the swapped module names."""
     names = _targets(model, spec)
     for name in names:
-        lin = model.get_submodule(name)
-        if not isinstance(lin, nn.Linear):
-            raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear (quantized twice?)")
-        q = QuantLinear(
-            lin.in_features,
-            lin.out_features,
-            lin.bias is not None,
-            spec.for_module(name),
-            from_checkpoint,
-            name,
-        )
-        _swap(model, name, q)
+        _swap(model, name, _quant_for(model, name, spec, from_checkpoint)[1])
     return names
 
 
@@ -485,17 +492,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Quantize an already-loaded model in place, one linear at a time (each full-precision
     weight is released as soon as its quantized copy exists)."""
     for name in _targets(model, spec):
-        lin = model.get_submodule(name)
-        if not isinstance(lin, nn.Linear):
-            raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear (quantized twice?)")
-        q = QuantLinear(
-            lin.in_features,
-            lin.out_features,
-            lin.bias is not None,
-            spec.for_module(name),
-            False,
-            name,
-        )
+        lin, q = _quant_for(model, name, spec, from_checkpoint=False)
         q.load_weight("weight", lin.weight)
         if lin.bias is not None:
             q.load_weight("bias", lin.bias)
