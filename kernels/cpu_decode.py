@@ -65,6 +65,12 @@ def allowed_isas() -> tuple[str, ...]:
     return tuple(ext.allowed_isas()) if ext is not None else ()
 
 
+def cpu_has_avx2() -> bool:
+    """Whether this CPU runs our AVX2 (or better) kernels, whether or not they are built yet:
+    a decision made while loading must not wait for, nor depend on, the background build."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def has_avx512() -> bool:
     """Whether the AVX-512 kernels (fp32 linears, the one-call decode step) may run here."""
     return "avx512" in allowed_isas()

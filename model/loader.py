@@ -138,12 +138,14 @@ def serving_dtype(config_dtype: torch.dtype, device: torch.device | None) -> tor
     went to oneDNN layer by layer. bf16 keeps fp16's memory and streams at the read bandwidth
     (kernels/csrc/cpu/half_linear.cpp), at 8 mantissa bits instead of 11; `--dtype float16`
     keeps fp16 and `--dtype float32` the exact weights. device None: a layer split (as is).
+    Decided by the CPU's features, not by whether the kernels are built: on a first start they
+    build in the background, and the dtype must not depend on the kernel cache.
     """
     if (
         config_dtype == torch.float16
         and device is not None
         and device.type == "cpu"
-        and "avx2" in cpu_decode.allowed_isas()
+        and cpu_decode.cpu_has_avx2()
     ):
         log.info(
             "fp16 checkpoint on a CPU: serving it in bfloat16, which our CPU kernels run "
@@ -173,8 +175,9 @@ def load_checkpoint(
     path = Path(path)
     cfg = ChatGLMConfig.from_json(path)
     default_device = torch.device(device)
+    whole_on = None if device_for else default_device  # the one device, unless a layer split
     if dtype == "auto":
-        dtype = serving_dtype(parse_dtype(cfg.torch_dtype), None if device_for else default_device)
+        dtype = serving_dtype(parse_dtype(cfg.torch_dtype), whole_on)
     elif dtype is None:
         dtype = cfg.torch_dtype
     dtype = parse_dtype(dtype)
@@ -198,7 +201,7 @@ def load_checkpoint(
         else:
             # on a CPU the head is quantized too, to int8: in bf16 / fp32 it was 16% / 27% of an
             # int4 6B decode step's bytes (65024 x 4096); int8 rows keep the logits close
-            on_cpu = device_for is None and default_device.type == "cpu"
+            on_cpu = whole_on is not None and whole_on.type == "cpu"
             spec = QuantSpec(
                 bits=bits,
                 group_size=_default_group(cfg, bits, group_size),

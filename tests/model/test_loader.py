@@ -45,7 +45,9 @@ def test_auto_serves_fp16_in_bf16_on_a_cpu_with_our_kernels(
     path = tmp_path / "fp16"  # config says float16; the daemon's load needs a tokenizer too
     shutil.copytree(tiny_checkpoints["safetensors-single"], path)
     shutil.copy(demo_checkpoint_dir(tmp_path / "demo") / "tokenizer.model", path)
-    monkeypatch.setattr(cpu_decode, "allowed_isas", lambda: ("scalar", "avx2"))
+    monkeypatch.setattr(cpu_decode, "cpu_has_avx2", lambda: True)
+    # the choice reads the CPU's features, never the kernels (a first start builds them later)
+    monkeypatch.setattr(cpu_decode, "allowed_isas", lambda: pytest.fail("asked the kernels"))
     model = load_checkpoint(path, dtype="auto", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model, _tok = load_model(EngineArgs(model=str(path), device="cpu"))  # what the daemon does
@@ -57,7 +59,7 @@ def test_auto_serves_fp16_in_bf16_on_a_cpu_with_our_kernels(
     model = load_checkpoint(path, dtype="float16", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     # a CPU our kernels cannot run on keeps fp16 (bf16 would be no faster there)
-    monkeypatch.setattr(cpu_decode, "allowed_isas", lambda: ())
+    monkeypatch.setattr(cpu_decode, "cpu_has_avx2", lambda: False)
     model = load_checkpoint(path, dtype="auto", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
