@@ -72,7 +72,7 @@ def cpu_has_avx2() -> bool:
 
 
 def has_avx512() -> bool:
-    """Whether the AVX-512 kernels (fp32 linears, the one-call decode step) may run here."""
+    """Whether the AVX-512 kernels may run here (small_gemm.cpp's fp32 linears need them)."""
     return "avx512" in allowed_isas()
 
 

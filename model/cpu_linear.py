@@ -16,10 +16,11 @@ the weights stream from memory (one row) or how well the FMA units are used (a d
     state dict give a dense copy back on request.
   * fp32: MKL's sgemv is at the bandwidth for one row, but from a few rows on its sgemm runs
     far below the FMA peak (16 rows took 3x one row). `PanelLinear` packs the weight once into
-    panels of 16 rows for our AVX-512 GEMM kernel (kernels/csrc/cpu/panel_linear.cpp), which
-    beats MKL from one row to prefill chunks. Shapes it cannot pack (N % 16 != 0) keep the plain
-    weight as `SmallBatchLinear`: up to 16 rows to our dot-product kernel (small_gemm.cpp), the
-    rest to MKL.
+    panels of 16 rows for our AVX-512 or AVX2 GEMM kernel (kernels/csrc/cpu/panel_linear.cpp),
+    which beats MKL from one row to prefill chunks; packed linears also let a decode step run in
+    one C++ call (model/cpu_step.py). Shapes it cannot pack (N % 16 != 0) keep the plain weight
+    as `SmallBatchLinear` on AVX-512: up to 16 rows to our dot-product kernel (small_gemm.cpp),
+    the rest to MKL.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class Bf16Linear(PackedLinear):
 
 
 class PanelLinear(PackedLinear):
-    """`y = x W^T + b` in fp32, W packed into our GEMM kernel's panels (CPU, AVX-512)."""
+    """`y = x W^T + b` in fp32, W packed into our GEMM kernel's panels (CPU, AVX-512 or AVX2)."""
 
     layout = "panel"
 
@@ -181,8 +182,13 @@ class PanelLinear(PackedLinear):
 
 
 def can_use_panels(weight: Tensor) -> bool:
-    """Whether our fp32 panel kernel takes this weight."""
-    return can_use_small_batch(weight) and weight.shape[0] % 16 == 0
+    """Whether our fp32 panel kernel takes this weight: N % 16 == 0, AVX2 or better."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.shape[0] % 16 == 0
+        and "avx2" in cpu_decode.allowed_isas()
+    )
 
 
 def can_use_bf16_tiles(weight: Tensor) -> bool:
@@ -203,7 +209,11 @@ def log_paths() -> dict[str, str]:
     isas = cpu_decode.allowed_isas()
     quant = cpu_impls()
     paths = {
-        "fp32": "panel/small GEMM (AVX-512)" if "avx512" in isas else "PyTorch (MKL)",
+        "fp32": "panel/small GEMM (AVX-512)"
+        if "avx512" in isas
+        else "panel GEMM (AVX2)"
+        if "avx2" in isas
+        else "PyTorch (MKL)",
         "bf16": f"bf16 tiles ({cpu_decode.bf16_linear_path()})"
         if "avx2" in isas
         else "oneDNN packed",
@@ -212,7 +222,11 @@ def log_paths() -> dict[str, str]:
         else "avx512_vnni, amx from 8-16 rows"
         if quant[-1] == "amx"
         else quant[-1],
-        "decode step": "one C++ call" if "avx512" in isas else "layer by layer (PyTorch)",
+        "decode step": "one C++ call"
+        if "avx2" in isas
+        else "one C++ call for int4/int8, layer by layer otherwise"
+        if isas
+        else "layer by layer (PyTorch)",
     }
     log.info(
         "CPU kernels: ISAs %s; %s",

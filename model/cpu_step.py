@@ -3,10 +3,10 @@
 On a CPU the layer-by-layer forward of model/chatglm.py costs ~30 small ops and module calls
 per layer (norms, rotary, cache writes, SwiGLU, residuals): about a fifth of a batch-1 step of
 the medium model, and about half of an int4 one. For decode-only steps whose linears are our
-CPU decode ones (fp32 `PanelLinear`, or `SmallBatchLinear` up to 16 rows; bf16 `Bf16Linear`;
-`QuantLinear` on the CPU kernel under fp32 or bf16 activations), decode_stack.cpp runs the same
-arithmetic in one C++ call, on AVX-512, AVX2 or baseline code as the CPU allows; anything else
-returns None and the caller runs the layers itself.
+CPU decode ones (fp32 `PanelLinear`, or on AVX-512 `SmallBatchLinear` up to 16 rows; bf16
+`Bf16Linear`; `QuantLinear` on the CPU kernel under fp32 or bf16 activations), decode_stack.cpp
+runs the same arithmetic in one C++ call, on AVX-512, AVX2 or baseline code as the CPU allows;
+anything else returns None and the caller runs the layers itself.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def _make_plan(model: ChatGLMForCausalLM, kv_caches: list[Tensor], key: list) ->
     # the linears the C++ step can call: packed ones (any rows), plain fp32 ones (up to 16 rows),
     # int4/int8 ones on the CPU kernel with its automatic ISA choice (fp32 or bf16 activations)
     packed_cls = PanelLinear if emb.dtype == torch.float32 else Bf16Linear
-    plain_ok = emb.dtype == torch.float32
+    plain_ok = emb.dtype == torch.float32 and cpu_decode.has_avx512()  # small_gemm.cpp's ISA
     quant = isinstance(t.encoder.layers[0].self_attention.query_key_value, QuantLinear)
     max_rows = sys.maxsize
     weights: list[Tensor] = []

@@ -23,6 +23,7 @@ from chatglm_serve.model.cpu_linear import (
     optimize_linears,
 )
 from tests.conftest import tiny_config
+from tests.isa_cap import run_capped
 from tests.paged import PagedRunner
 
 
@@ -148,8 +149,8 @@ def test_pack_for_cpu_keeps_logits_and_state_dict(tiny_cfg):
 
 
 def test_fp32_linears_keep_their_weights_and_match(tiny_cfg):
-    if not cpu_decode.has_avx512():
-        pytest.skip("the small-batch fp32 kernel needs AVX-512")
+    if "avx2" not in cpu_decode.allowed_isas():
+        pytest.skip("the fp32 panel kernel needs AVX2 or better")
     _kernel()
     model = ChatGLMForCausalLM.random(tiny_cfg, seed=5, std=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -285,8 +286,8 @@ def test_bf16_linears_take_every_shape():
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 37])
 @pytest.mark.parametrize(("n", "k"), [(80, 96), (16, 7), (48, 130)])
 def test_panel_linear_matches_linear_and_round_trips(rows, n, k):
-    if not cpu_decode.has_avx512():
-        pytest.skip("the fp32 panel kernel needs AVX-512")
+    if "avx2" not in cpu_decode.allowed_isas():
+        pytest.skip("the fp32 panel kernel needs AVX2 or better")
     _kernel()
     g = torch.Generator().manual_seed(rows * 100 + n + k)
     lin = torch.nn.Linear(k, n)
@@ -314,3 +315,24 @@ def test_fp32_linears_of_other_shapes_stay_plain():
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40))
     assert optimize_linears(model) == ["0", "1"]
     assert type(model[0]) is PanelLinear and type(model[1]) is SmallBatchLinear
+
+
+def test_fp32_panels_without_avx512():
+    """An AVX2-only CPU (here forced by CHATGLM_SERVE_CPU_ISA) packs fp32 weights into panels for
+    the AVX2 kernel; only the N % 16 != 0 ones stay plain nn.Linear (their kernel is AVX-512)."""
+    _kernel()
+    if "avx2" not in cpu_decode.allowed_isas():
+        pytest.skip("this CPU has no AVX2")
+    before = """
+import torch
+from chatglm_serve.kernels import cpu_decode
+from chatglm_serve.model.cpu_linear import PanelLinear, optimize_linears
+assert cpu_decode.allowed_isas() == ("scalar", "avx2"), cpu_decode.allowed_isas()
+model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40))
+assert optimize_linears(model) == ["0"]
+assert type(model[0]) is PanelLinear and type(model[1]) is torch.nn.Linear
+"""
+    tests = "panel_linear_matches or fp32_linears_keep or other_shapes_stay"
+    summary = run_capped("avx2", __file__, tests, before)
+    # the 18 panel cases and the model test run; "other shapes" needs AVX-512 (skipped)
+    assert "19 passed, 1 skipped" in summary, summary

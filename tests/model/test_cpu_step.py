@@ -3,11 +3,6 @@ the layer-by-layer forward it replaces."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,9 +13,9 @@ from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.cpu_linear import Bf16Linear, PanelLinear, SmallBatchLinear
 from chatglm_serve.model.quantize import QuantLinear, QuantSpec, quantize_model
 from tests.conftest import tiny_config
+from tests.isa_cap import run_capped
 from tests.paged import PagedRunner
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [list(range(3, 40)), list(range(50, 55)), list(range(7, 24))]  # 37, 5 and 17 tokens
 
 
@@ -29,8 +24,8 @@ def _needs(dtype: torch.dtype) -> None:
         cpu_decode.load_decode_kernels()
     except KernelUnavailable as e:
         pytest.skip(f"CPU decode kernels cannot be built here: {e}")
-    if dtype == torch.float32 and not cpu_decode.has_avx512():
-        pytest.skip("fp32 linears join the step on AVX-512 panels only")
+    if dtype == torch.float32 and "avx2" not in cpu_decode.allowed_isas():
+        pytest.skip("fp32 linears join the step on panels: AVX2 or better")
     if dtype == torch.bfloat16 and "avx2" not in cpu_decode.allowed_isas():
         pytest.skip("bf16 linears join the step on AVX2 or better")
 
@@ -119,23 +114,13 @@ def test_quantized_step_matches_layers(monkeypatch, bits, group, dtype):
 @pytest.mark.parametrize("cap", ["avx2", "scalar"])
 def test_lower_isas_take_the_step(cap):
     """The same binary on an AVX2-only (or older) CPU: CHATGLM_SERVE_CPU_ISA caps every kernel
-    and the step's own loops, and the bf16 and int4/int8 steps still match the layers."""
+    and the step's own loops, and the fp32, bf16 and int4/int8 steps still match the layers."""
     _needs(None)
     if cap == "avx2" and "avx2" not in cpu_decode.allowed_isas():
         pytest.skip("this CPU has no AVX2")
-    tests = "bf16_step or quantized_step"
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
-        env={**os.environ, "CHATGLM_SERVE_CPU_ISA": cap},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:]
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    # bf16 linears need AVX2: under "scalar" the bf16 test skips, the int4/int8 ones run
-    want = 7 if cap == "avx2" else 6
+    summary = run_capped(cap, __file__, "fp32_step or bf16_step or quantized_step")
+    # panels and bf16 linears need AVX2: under "scalar" those tests skip, the int4/int8 ones run
+    want = 10 if cap == "avx2" else 6
     assert f"{want} passed" in summary and "failed" not in summary, summary
 
 
@@ -161,6 +146,8 @@ def test_step_is_taken_only_where_it_applies(monkeypatch):
 def test_plain_fp32_linears_take_at_most_16_rows(monkeypatch):
     """SmallBatchLinear (weights it cannot pack) runs up to 16 rows: beyond, layer by layer."""
     _needs(torch.float32)
+    if not cpu_decode.has_avx512():
+        pytest.skip("SmallBatchLinear's kernel (small_gemm.cpp) is AVX-512 only")
     model = _model(torch.float32)
     for layer in model.layers:  # as if no weight could be packed
         mlp = layer.mlp

@@ -11,8 +11,9 @@
 // its int4 weights take to stream.
 //
 // The element-wise loops (decode_loops.h) are compiled for AVX-512, AVX2 and the baseline ISA and
-// picked like the kernels (cpu_common.h), so an AVX2-only server takes this step too (bf16 and
-// int4/int8 linears; fp32 panels need AVX-512). Per layer, `weights` holds 7 tensors in order:
+// picked like the kernels (cpu_common.h), so an AVX2-only server takes this step too (fp32
+// panels, bf16 and int4/int8 linears; plain fp32 weights need AVX-512). Per layer, `weights`
+// holds 7 tensors in order:
 //   input_layernorm [H], query_key_value W and bias (empty: none), dense W, post_attention_layernorm [H],
 //   dense_h_to_4h W, dense_4h_to_h W
 // where W is fp32 [N, K] or panels, or bf16 packed (bf16_pack). A quantized model (uint8 W

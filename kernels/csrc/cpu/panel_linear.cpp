@@ -11,7 +11,9 @@
 //
 // Threads take groups of 4 panels (64 output rows); within a group every 6-row tile of x reuses
 // the group's panels from L2, and the first tile prefetches them ahead of use from memory.
-// AVX-512 (checked at run time); elsewhere the caller keeps a plain nn.Linear.
+// AVX-512, or AVX2 (a panel's k row is two ymm halves; 16 registers hold at most 12
+// accumulators: one row x 4 panels, or 3 rows x 2 panels with the x tiles walking each pair of
+// panels while it sits in L2), picked at run time; elsewhere the caller keeps a plain nn.Linear.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -35,8 +37,15 @@ constexpr int kRowsTile = 6;        // x rows per micro-kernel tile
 constexpr int64_t kPrefetchK = 16;  // k rows ahead (1 KiB per panel) for the first tile
 
 #if PL_X86
-bool cpu_ok() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+using chatglm_cpu::Isa;
+
+bool has_avx512() {
+  static const bool ok = chatglm_cpu::isa_allowed(Isa::kAvx512);
+  return ok;
+}
+
+bool has_avx2() {
+  static const bool ok = chatglm_cpu::isa_allowed(Isa::kAvx2);
   return ok;
 }
 
@@ -98,6 +107,76 @@ __attribute__((target("avx512f,avx512dq,fma"))) void group(const float* x, int64
     default: break;
   }
 }
+
+// ---------------------------------------------------------------- AVX2
+// out[m, 16 NP cols] (+ bias) = x[m] . the NP panels at w for MR rows of x over all of K; a
+// panel's k row is two 8-lane halves, so MR x NP x 2 accumulators (at most 12 of 16 ymm).
+template <int MR, int NP, bool kPrefetch>
+__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_t K,
+                                                          const float* w, float* out, int64_t ldo,
+                                                          const float* bias) {
+  __m256 acc[MR][NP][2];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
+  const int64_t pstride = K * kPanel;
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 xb[MR];
+    for (int m = 0; m < MR; ++m) xb[m] = _mm256_broadcast_ss(x + m * K + k);
+    for (int j = 0; j < NP; ++j) {
+      const float* wk = w + j * pstride + k * kPanel;
+      if (kPrefetch)
+        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetchK * kPanel), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 wv = _mm256_loadu_ps(wk + 8 * h);
+        for (int m = 0; m < MR; ++m) acc[m][j][h] = _mm256_fmadd_ps(xb[m], wv, acc[m][j][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j)
+      for (int h = 0; h < 2; ++h) {
+        __m256 v = acc[m][j][h];
+        if (bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j * kPanel + 8 * h));
+        _mm256_storeu_ps(out + m * ldo + j * kPanel + 8 * h, v);
+      }
+}
+
+// rows [m0, m0 + MR) against NP panels; the first rows (m0 == 0) prefetch the panels
+template <int MR, int NP>
+__attribute__((target("avx2,fma"))) inline void rows_avx2(const float* x, int64_t m0, int64_t K,
+                                                          const float* w, float* out, int64_t N,
+                                                          const float* bias) {
+  if (m0 == 0)
+    tile_avx2<MR, NP, true>(x, K, w, out, N, bias);
+  else
+    tile_avx2<MR, NP, false>(x + m0 * K, K, w, out + m0 * N, N, bias);
+}
+
+// all M rows against NP (<= 2) panels, 3 rows at a time
+template <int NP>
+__attribute__((target("avx2,fma"))) void pair_avx2(const float* x, int64_t M, int64_t K,
+                                                   const float* w, float* out, int64_t N,
+                                                   const float* bias) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) rows_avx2<3, NP>(x, m, K, w, out, N, bias);
+  if (M - m == 2) rows_avx2<2, NP>(x, m, K, w, out, N, bias);
+  if (M - m == 1) rows_avx2<1, NP>(x, m, K, w, out, N, bias);
+}
+
+// a group of np (<= 4) panels: one row takes all four in one pass (8 independent FMA chains
+// hide their latency), more rows a pair of panels at a time
+__attribute__((target("avx2,fma"))) void group_avx2(const float* x, int64_t M, int64_t K,
+                                                    const float* w, float* out, int64_t N,
+                                                    const float* bias, int64_t np) {
+  if (M == 1 && np == 4) return tile_avx2<1, 4, true>(x, K, w, out, N, bias);
+  for (int64_t p = 0; p < np; p += 2) {
+    const float* b = bias ? bias + p * kPanel : nullptr;
+    if (np - p >= 2)
+      pair_avx2<2>(x, M, K, w + p * K * kPanel, out + p * kPanel, N, b);
+    else
+      pair_avx2<1>(x, M, K, w + p * K * kPanel, out + p * kPanel, N, b);
+  }
+}
 #endif
 
 }  // namespace
@@ -118,7 +197,8 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
               "panel_linear: packed weight must come from panel_pack for [N, K]");
   const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0), N = panels * kPanel;
 #if PL_X86
-  TORCH_CHECK(cpu_ok(), "panel_linear: needs AVX-512");
+  const bool avx512 = has_avx512();
+  TORCH_CHECK(avx512 || has_avx2(), "panel_linear: needs AVX-512 or AVX2");
   const torch::Tensor xc = x.contiguous();
   auto out = torch::empty({M, N}, x.options());
   torch::Tensor bf;
@@ -139,6 +219,10 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
       const float* w = wp + p0 * K * kPanel;
       float* o = op + p0 * kPanel;
       const float* b = bp ? bp + p0 * kPanel : nullptr;
+      if (!avx512) {
+        group_avx2(xp, M, K, w, o, N, b, std::min<int64_t>(kPanels, panels - p0));
+        continue;
+      }
       switch (std::min<int64_t>(kPanels, panels - p0)) {
         case 4: group<4>(xp, M, K, w, o, N, b); break;
         case 3: group<3>(xp, M, K, w, o, N, b); break;
@@ -149,6 +233,6 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
   });
   return out;
 #else
-  TORCH_CHECK(false, "panel_linear: needs an x86-64 CPU with AVX-512");
+  TORCH_CHECK(false, "panel_linear: needs an x86-64 CPU with AVX-512 or AVX2");
 #endif
 }
