@@ -67,16 +67,18 @@ struct Loops {
   // (sigmoid from e^-|a|, so the exponent is never positive)
   template <typename T>
   DS_TARGET static void silu_mul(const T* g, T* out, int64_t M, int64_t F) {
-    for (int64_t m = 0; m < M; ++m) {
-      const T* gm = g + m * 2 * F;
-      T* om = out + m * F;
-      for (int64_t j = 0; j < F; ++j) {
-        const float a = f(gm[j]);
-        const float e = chatglm_cpu::exp_nonpositive(-std::fabs(a));
-        const float sig = (a >= 0.f ? 1.f : e) / (1.f + e);
-        const T s = T(a * sig);
-        om[j] = T(f(s) * f(gm[F + j]));
-      }
+    for (int64_t m = 0; m < M; ++m) silu_mul_cols(g + m * 2 * F, out + m * F, F, 0, F);
+  }
+
+  // columns [j0, j1) of one row
+  template <typename T>
+  DS_TARGET static void silu_mul_cols(const T* g, T* out, int64_t F, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float a = f(g[j]);
+      const float e = chatglm_cpu::exp_nonpositive(-std::fabs(a));
+      const float sig = (a >= 0.f ? 1.f : e) / (1.f + e);
+      const T s = T(a * sig);
+      out[j] = T(f(s) * f(g[F + j]));
     }
   }
 

@@ -143,9 +143,17 @@ torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& weights,
     auto a = torch::empty({M, ffn}, x.options());
     const T* gp = g.data_ptr<T>();
     T* ap = a.data_ptr<T>();
-    chatglm_cpu::parallel_chunks(M, 4, [&](int64_t m0, int64_t m1) {
-      L::silu_mul(gp + m0 * 2 * ffn, ap + m0 * ffn, m1 - m0, ffn);
-    });
+    if (M >= 4) {
+      chatglm_cpu::parallel_chunks(M, 4, [&](int64_t m0, int64_t m1) {
+        L::silu_mul(gp + m0 * 2 * ffn, ap + m0 * ffn, m1 - m0, ffn);
+      });
+    } else {  // a few rows: split the columns, or one core computes every e^x while the other waits
+      const int64_t cols = (ffn + 1) / 2;
+      chatglm_cpu::parallel_chunks(ffn, cols, [&](int64_t j0, int64_t j1) {
+        for (int64_t m = 0; m < M; ++m)
+          L::silu_mul_cols(gp + m * 2 * ffn, ap + m * ffn, ffn, j0, j1);
+      });
+    }
     y = linear(a, layer_linear(w, quant, 3), torch::Tensor(), H);
     L::add_(y.data_ptr<T>(), x.data_ptr<T>(), M * H);
     x = y;

@@ -152,7 +152,9 @@ __attribute__((target("avx512f,avx512bw,fma"))) void mk_avx512(const Problem& p,
 
 // ---------------------------------------------------------------- AVX2 (widen to fp32)
 // 16 ymm registers: a tile row is two 8-lane halves, so MR rows x NT tiles take 2 MR NT
-// accumulators; MR = 2, NT = 2 leaves 8 for the widened weights and the broadcasts.
+// accumulators; MR = 2, NT = 2 leaves 8 for the widened weights and the broadcasts. One row
+// takes NT = 4 (8 accumulators): its 8 FMA chains hide their latency better (one row on a
+// 2-vCPU EPYC Zen 3, the medium model's linears: 10.4 vs 10.9 ms).
 template <int MR, int NT>
 __attribute__((target("avx2,fma"))) void mk_avx2(const Problem& p, int64_t t0, int64_t m0) {
   __m256 acc[MR][NT][2];
@@ -347,6 +349,10 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, i
       }
       if (run == kAvx512) {
         group<F512Mk, kMR512, kTiles>(p, t0, nt);
+        continue;
+      }
+      if (run == kAvx2 && p.M == 1) {  // 4 tiles' 8 chains: ~5% faster than 2 at one row
+        group<F256Mk, 1, kTiles>(p, t0, nt);
         continue;
       }
       if (run == kAvx2) {
