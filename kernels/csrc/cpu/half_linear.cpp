@@ -157,9 +157,12 @@ __attribute__((target("avx512f,avx512bw,fma"))) void mk_avx512(const Problem& p,
 // 2-vCPU EPYC Zen 3, the medium model's linears: 10.4 vs 10.9 ms).
 template <int MR, int NT>
 __attribute__((target("avx2,fma"))) void mk_avx2(const Problem& p, int64_t t0, int64_t m0) {
-  __m256 acc[MR][NT][2];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
+  // a flat accumulator array, loops unrolled by pragma: as acc[MR][NT][2], GCC 12 also stored
+  // the 2-row kernel's accumulators to the stack every step (see panel_linear.cpp)
+  constexpr int kAcc = MR * NT * 2;
+  __m256 acc[kAcc];
+#pragma GCC unroll 16
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_setzero_ps();
   const uint16_t* w[NT];
   for (int j = 0; j < NT; ++j) w[j] = p.tile_ptr(t0 + j);
   const float* x = p.xf + m0 * p.ldx;
@@ -167,27 +170,36 @@ __attribute__((target("avx2,fma"))) void mk_avx2(const Problem& p, int64_t t0, i
   const int64_t rows = p.chunks * 16;
   for (int64_t r = 0; r < rows; ++r) {
     __m256 xe[MR], xo[MR];
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
       xe[m] = _mm256_broadcast_ss(x + m * p.ldx + 2 * r);
       xo[m] = _mm256_broadcast_ss(x + m * p.ldx + 2 * r + 1);
     }
+#pragma GCC unroll 4
     for (int j = 0; j < NT; ++j) {
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m256i v =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + r * 32 + h * 16));
         const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+#pragma GCC unroll 4
         for (int m = 0; m < MR; ++m) {
-          acc[m][j][h] = _mm256_fmadd_ps(we, xe[m], acc[m][j][h]);
-          acc[m][j][h] = _mm256_fmadd_ps(wo, xo[m], acc[m][j][h]);
+          __m256& a = acc[(m * NT + j) * 2 + h];
+          a = _mm256_fmadd_ps(we, xe[m], a);
+          a = _mm256_fmadd_ps(wo, xo[m], a);
         }
       }
     }
   }
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int j = 0; j < NT; ++j)
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h)
-        _mm256_storeu_ps(p.y + (m0 + m) * p.ldy + (t0 + j) * kTileN + h * 8, acc[m][j][h]);
+        _mm256_storeu_ps(p.y + (m0 + m) * p.ldy + (t0 + j) * kTileN + h * 8,
+                         acc[(m * NT + j) * 2 + h]);
 }
 #endif
 
