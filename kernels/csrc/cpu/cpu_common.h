@@ -113,6 +113,18 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512 load16_f32(const T* p)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
 }
+
+// the AVX2 twin: 8 fp32 or bf16 values as one fp32 vector
+template <typename T>
+__attribute__((target("avx2"))) inline __m256 load8_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    static_assert(sizeof(T) == 2, "fp32 or bf16");
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
 #endif
 
 // fn(begin, end) over [0, n) in chunks of `grain`, each thread taking the next chunk when done

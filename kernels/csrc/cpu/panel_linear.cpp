@@ -186,22 +186,17 @@ __attribute__((target("avx2,fma"))) void pair_avx2(const float* x, int64_t M, in
   const float* next0 = w + NP * K * kPanel;  // prefetching past the end never faults
   const float* next1 = next0 + K * kPanel;
   const int64_t later = (M - 1) / 3;  // passes after the first
-  int64_t m = 0;
-  auto ahead = [&](int64_t pass, int which) -> const float* {  // pass >= 1
+  // what the pass over rows [m0, m0 + 3) prefetches, as (first, second) panel
+  auto ahead = [&](int64_t m0, int which) -> const float* {
+    const int64_t pass = m0 / 3;
+    if (pass == 0) return nullptr;                      // it streams its own panels
     if (later == 1) return which == 0 ? next0 : next1;  // one later pass takes both panels
-    if (pass > 2) return nullptr;
-    return which == 0 ? (pass == 1 ? next0 : next1) : nullptr;
+    return which == 0 && pass <= 2 ? (pass == 1 ? next0 : next1) : nullptr;
   };
-  for (; m + 3 <= M; m += 3)
-    rows_avx2<3, NP>(x, m, K, w, out, N, bias, m ? ahead(m / 3, 0) : nullptr,
-                     m ? ahead(m / 3, 1) : nullptr);
-  const int64_t pass = m / 3;
-  if (M - m == 2)
-    rows_avx2<2, NP>(x, m, K, w, out, N, bias, m ? ahead(pass, 0) : nullptr,
-                     m ? ahead(pass, 1) : nullptr);
-  if (M - m == 1)
-    rows_avx2<1, NP>(x, m, K, w, out, N, bias, m ? ahead(pass, 0) : nullptr,
-                     m ? ahead(pass, 1) : nullptr);
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) rows_avx2<3, NP>(x, m, K, w, out, N, bias, ahead(m, 0), ahead(m, 1));
+  if (M - m == 2) rows_avx2<2, NP>(x, m, K, w, out, N, bias, ahead(m, 0), ahead(m, 1));
+  if (M - m == 1) rows_avx2<1, NP>(x, m, K, w, out, N, bias, ahead(m, 0), ahead(m, 1));
 }
 
 // a group of np (<= 4) panels: one row takes all four in one pass (8 independent FMA chains
@@ -260,11 +255,12 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
       const float* w = wp + p0 * K * kPanel;
       float* o = op + p0 * kPanel;
       const float* b = bp ? bp + p0 * kPanel : nullptr;
+      const int64_t np = std::min<int64_t>(kPanels, panels - p0);
       if (!avx512) {
-        group_avx2(xp, M, K, w, o, N, b, std::min<int64_t>(kPanels, panels - p0));
+        group_avx2(xp, M, K, w, o, N, b, np);
         continue;
       }
-      switch (std::min<int64_t>(kPanels, panels - p0)) {
+      switch (np) {
         case 4: group<4>(xp, M, K, w, o, N, b); break;
         case 3: group<3>(xp, M, K, w, o, N, b); break;
         case 2: group<2>(xp, M, K, w, o, N, b); break;

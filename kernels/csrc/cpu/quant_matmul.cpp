@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -98,6 +97,7 @@ void quantize_block_scalar(const T* src, int64_t ablk, int32_t offset, int8_t* d
 
 #if QM_X86
 using chatglm_cpu::load16_f32;
+using chatglm_cpu::load8_f32;
 
 // ablk is a multiple of 32 (kMinBlock)
 template <typename T>
@@ -120,19 +120,8 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_block_avx512(const T* 
   *xc = -offset * _mm512_reduce_add_epi32(sum);
 }
 
-// 8 fp32 or bf16 values as one fp32 vector (bf16 -> fp32 is a 16-bit shift, exact)
-template <typename T>
-__attribute__((target("avx2"))) inline __m256 load8_f32(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm256_loadu_ps(p);
-  } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-}
-
-// The same bytes as quantize_block_scalar on AVX2 (an AVX2-only server quantizes every linear's
-// input rows here: scalar, with its nearbyint per value, took ~10 us per 1024-value row).
+// The same bytes as quantize_block_scalar on AVX2: an AVX2-only server quantizes every linear's
+// input rows here, where it ran the scalar loop (a nearbyint call per value) before.
 template <typename T>
 __attribute__((target("avx2,fma"))) void quantize_block_avx2(const T* src, int64_t ablk,
                                                             int32_t offset, int8_t* dst, float* xs,
