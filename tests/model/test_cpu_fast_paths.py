@@ -51,7 +51,9 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 128), (32, 2, 128), (4, 4, 24), (6, 2, 40)])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d"), [(8, 2, 128), (32, 2, 128), (12, 2, 64), (4, 4, 24), (6, 2, 40)]
+)
 def test_decode_kernel_matches_dense_attention(dtype, hq, hkv, d):
     ext = _kernel()
     g = torch.Generator().manual_seed(hq * 100 + d)
@@ -73,6 +75,17 @@ def test_decode_kernel_matches_dense_attention(dtype, hq, hkv, d):
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cap", ["avx2", "scalar"])
+def test_decode_kernel_lower_isas(cap):
+    """The attention's AVX2 passes and its generic loops, forced by CHATGLM_SERVE_CPU_ISA in a
+    child process, against the same dense reference (on an AVX2-only CPU "avx2" is its default)."""
+    _kernel()
+    if cap == "avx2" and "avx2" not in cpu_decode.allowed_isas():
+        pytest.skip("this CPU has no AVX2")
+    summary = run_capped(cap, __file__, "decode_kernel_matches_dense")
+    assert "10 passed" in summary, summary
 
 
 def test_decode_kernel_refuses_bad_input():
@@ -283,7 +296,7 @@ def test_bf16_linears_take_every_shape():
     torch.testing.assert_close(model[1](x).float(), odd(x).float(), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 37])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 11, 16, 37])
 @pytest.mark.parametrize(("n", "k"), [(80, 96), (16, 7), (48, 130)])
 def test_panel_linear_matches_linear_and_round_trips(rows, n, k):
     if "avx2" not in cpu_decode.allowed_isas():
@@ -334,5 +347,5 @@ assert type(model[0]) is PanelLinear and type(model[1]) is torch.nn.Linear
 """
     tests = "panel_linear_matches or fp32_linears_keep or other_shapes_stay"
     summary = run_capped("avx2", __file__, tests, before)
-    # the 18 panel cases and the model test run; "other shapes" needs AVX-512 (skipped)
-    assert "19 passed, 1 skipped" in summary, summary
+    # the 24 panel cases and the model test run; "other shapes" needs AVX-512 (skipped)
+    assert "25 passed, 1 skipped" in summary, summary

@@ -11,8 +11,9 @@
 // seq_lens [B] int64 (context length including this token); out [B, Hq, D] in q's dtype.
 // fp32 or bf16 (q and the cache alike); arithmetic in fp32, softmax with the maximum
 // subtracted. One work item = (sequence, KV head): its Hq/Hkv query heads share every key and
-// value row it reads. Inner loops are plain C++ that GCC vectorizes; target_clones builds them
-// for AVX-512, AVX2 and the baseline and picks one at load time.
+// value row it reads. The two passes (scores, values) have AVX-512 and AVX2 forms for D % 16 ==
+// 0, picked at run time; the generic loops beside them are plain C++ that GCC vectorizes, with
+// target_clones building them for AVX-512, AVX2 and the baseline.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -158,6 +159,80 @@ bool has_avx512() {
   static const bool ok = chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx512);
   return ok;
 }
+
+// ---------------------------------------------------------------- AVX2
+// The same two passes in 8-lane vectors. The generic loops compute one query head's dot at a
+// time (reading each key row g times) and one head's axpy per value row (its accumulators
+// through memory); here a key row serves 4 heads at once and a value slice's accumulators stay
+// in registers.
+using chatglm_cpu::load8_f32;
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// scores for up to 4 query heads per pass over a key row, two chains per head (even and odd
+// 8-lane slices) so 8 FMAs are in flight. D % 16 == 0.
+template <typename T>
+__attribute__((target("avx2,fma"))) void scores_avx2(const float* qf, const T* const* rows,
+                                                     const T* const* vrows, float* s, int64_t L,
+                                                     int64_t g, int64_t D) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t t = 0; t < L; ++t) {
+    const T* k = rows[t];
+    for (int64_t b = 0; b < row_bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(vrows[t]) + b, _MM_HINT_T0);
+    for (int64_t j0 = 0; j0 < g; j0 += 4) {
+      const int nj = static_cast<int>(std::min<int64_t>(4, g - j0));
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m256 k0 = load8_f32(k + d), k1 = load8_f32(k + d + 8);
+        for (int j = 0; j < nj; ++j) {
+          const float* qj = qf + (j0 + j) * D + d;
+          a[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(qj), k0, a[2 * j]);
+          a[2 * j + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8), k1, a[2 * j + 1]);
+        }
+      }
+      for (int j = 0; j < nj; ++j)
+        s[(j0 + j) * L + t] = hsum8(_mm256_add_ps(a[2 * j], a[2 * j + 1]));
+    }
+  }
+}
+
+// acc[j, :] = sum_t p[j, t] v_t, a 16-channel slice (two ymm) for up to 4 heads at a time: 8
+// accumulators in registers while the rows stream past. D % 16 == 0.
+template <typename T>
+__attribute__((target("avx2,fma"))) void values_avx2(const float* p, const T* const* rows,
+                                                     float* acc, int64_t L, int64_t g,
+                                                     int64_t D) {
+  for (int64_t j0 = 0; j0 < g; j0 += 4) {
+    const int nj = static_cast<int>(std::min<int64_t>(4, g - j0));
+    for (int64_t d = 0; d < D; d += 16) {
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {
+        const __m256 v0 = load8_f32(rows[t] + d), v1 = load8_f32(rows[t] + d + 8);
+        for (int j = 0; j < nj; ++j) {
+          const __m256 pj = _mm256_broadcast_ss(p + (j0 + j) * L + t);
+          a[2 * j] = _mm256_fmadd_ps(pj, v0, a[2 * j]);
+          a[2 * j + 1] = _mm256_fmadd_ps(pj, v1, a[2 * j + 1]);
+        }
+      }
+      for (int j = 0; j < nj; ++j) {
+        _mm256_storeu_ps(acc + (j0 + j) * D + d, a[2 * j]);
+        _mm256_storeu_ps(acc + (j0 + j) * D + d + 8, a[2 * j + 1]);
+      }
+    }
+  }
+}
+
+bool has_avx2() {
+  static const bool ok = chatglm_cpu::isa_allowed(chatglm_cpu::Isa::kAvx2);
+  return ok;
+}
 #else
 #define PA_X86 0
 #endif
@@ -181,10 +256,11 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1);
   const float fscale = static_cast<float>(scale);
+  // the vector passes: 2 = AVX-512, 1 = AVX2, 0 = the generic loops
 #if PA_X86
-  const bool fast = D % 16 == 0 && has_avx512();
+  const int fast = D % 16 != 0 ? 0 : has_avx512() ? 2 : has_avx2() ? 1 : 0;
 #else
-  const bool fast = false;
+  const int fast = 0;
 #endif
 
   // items differ in length (each sequence its own): handed out one at a time
@@ -211,7 +287,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       }
       if (fast) {
 #if PA_X86
-        scores_avx512<T>(qf.data(), rows_k.data(), rows_v.data(), s, L, g, D);
+        if (fast == 2)
+          scores_avx512<T>(qf.data(), rows_k.data(), rows_v.data(), s, L, g, D);
+        else
+          scores_avx2<T>(qf.data(), rows_k.data(), rows_v.data(), s, L, g, D);
 #endif
       } else {
         for (int64_t t = 0; t < L; ++t)
@@ -229,7 +308,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       }
       if (fast) {
 #if PA_X86
-        values_avx512<T>(s, rows_v.data(), acc.data(), L, g, D);
+        if (fast == 2)
+          values_avx512<T>(s, rows_v.data(), acc.data(), L, g, D);
+        else
+          values_avx2<T>(s, rows_v.data(), acc.data(), L, g, D);
 #endif
       } else {
         std::fill(acc.begin(), acc.end(), 0.f);
