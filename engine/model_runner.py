@@ -24,6 +24,7 @@ from chatglm_serve.engine.cuda_graphs import (
 )
 from chatglm_serve.engine.scheduler import ScheduledSeq
 from chatglm_serve.engine.step_inputs import StepInputs
+from chatglm_serve.model import huge_pages
 from chatglm_serve.model.attention import AttentionMetadata
 from chatglm_serve.model.chatglm import ChatGLMForCausalLM
 from chatglm_serve.model.config import parse_dtype
@@ -157,10 +158,11 @@ class ModelRunner:
         # with decode graphs the cache has one more block than the block manager hands out: the
         # scratch block that padding rows write their K/V to
         cache_blocks = plan.num_blocks + (decode_graphs is not None)
+        shape = model.kv_cache_shape(cache_blocks, plan.block_size)
         self.kv_caches: list[Tensor] = [
-            torch.zeros(
-                model.kv_cache_shape(cache_blocks, plan.block_size), dtype=plan.dtype, device=d
-            )
+            huge_pages.zeros(shape, plan.dtype)
+            if d.type == "cpu"
+            else torch.zeros(shape, dtype=plan.dtype, device=d)
             for d in model.layer_devices()
         ]
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size

@@ -9,6 +9,8 @@ int4/int8 tiles and their scales, the output layer) are copied into one anonymou
 MADV_HUGEPAGE, back to back in step order, and the modules keep views into it. Each original is
 freed as soon as its copy exists, so resident memory grows by at most one tensor while gathering.
 
+The CPU KV cache goes on huge pages too (`zeros`).
+
 Where huge pages cannot be had (not Linux, THP "never", Python without mmap.madvise), nothing
 changes.
 """
@@ -46,6 +48,21 @@ def huge_page_buffer(nbytes: int) -> Tensor | None:
         log.debug("no huge pages for the decode weights: %s", e)
         return None
     return buf[start : start + nbytes]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """torch.zeros on memory advised for huge pages where that can be had (the CPU KV cache: a
+    decode step reads each sequence's keys and values as 512-byte pieces spread over the whole
+    cache, and on 4 KiB pages most of those reads also miss the TLB; 16 sequences x 96
+    positions x 16 layers of decode attention on a Zen 3 EPYC took ~15% less time on 2 MiB
+    pages). Zeroed here, as torch.zeros does, so the memory is committed now, not mid-serving."""
+    n = 1
+    for d in shape:
+        n *= d
+    buf = huge_page_buffer(n * dtype.itemsize)
+    if buf is None:
+        return torch.zeros(shape, dtype=dtype)
+    return buf.zero_().view(dtype).view(shape)
 
 
 def _thp_possible() -> bool:

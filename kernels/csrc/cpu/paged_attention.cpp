@@ -174,7 +174,11 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
 }
 
 // scores for up to 4 query heads per pass over a key row, two chains per head (even and odd
-// 8-lane slices) so 8 FMAs are in flight. D % 16 == 0.
+// 8-lane slices) so 8 FMAs are in flight. D % 16 == 0. The key rows of one (sequence, head)
+// are 512-byte pieces scattered over the cache blocks, which no hardware prefetcher follows:
+// each pass also asks for the key row kKeysAhead positions on (16 sequences of 96 positions,
+// 16 layers, blocks scattered over 1 GiB, Zen 3 EPYC: 8.0 -> 6.6 ms).
+constexpr int64_t kKeysAhead = 4;
 template <typename T>
 __attribute__((target("avx2,fma"))) void scores_avx2(const float* qf, const T* const* rows,
                                                      const T* const* vrows, float* s, int64_t L,
@@ -184,6 +188,9 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const float* qf, const T* c
     const T* k = rows[t];
     for (int64_t b = 0; b < row_bytes; b += 64)
       _mm_prefetch(reinterpret_cast<const char*>(vrows[t]) + b, _MM_HINT_T0);
+    if (t + kKeysAhead < L)
+      for (int64_t b = 0; b < row_bytes; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[t + kKeysAhead]) + b, _MM_HINT_T0);
     for (int64_t j0 = 0; j0 < g; j0 += 4) {
       const int nj = static_cast<int>(std::min<int64_t>(4, g - j0));
       __m256 a[8];

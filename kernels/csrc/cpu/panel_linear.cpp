@@ -294,11 +294,13 @@ __attribute__((target("avx2,fma"))) void xt_panel(const float* xt, int64_t M, in
       out[m * N + c] = bias != nullptr ? accT[c * L + m] + bias[c] : accT[c * L + m];
 }
 
-// xt[k, m] = x[m, k] for m < M, zero for M <= m < L
+// xt[k, m] = x[m, k] for m < M, zero for M <= m < L (k outer: xt is written once, in order)
 void transpose_rows(const float* x, int64_t M, int64_t K, int64_t L, float* xt) {
-  std::fill(xt, xt + K * L, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xt[k * L + m] = x[m * K + k];
+  for (int64_t k = 0; k < K; ++k) {
+    float* row = xt + k * L;
+    for (int64_t m = 0; m < M; ++m) row[m] = x[m * K + k];
+    for (int64_t m = M; m < L; ++m) row[m] = 0.f;
+  }
 }
 
 // all M (4..16) rows against every panel, the panels handed out one at a time
