@@ -60,7 +60,11 @@ CUDA_HEADERS = [
 ]
 
 # -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
-_CPU_CFLAGS = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
+# -fno-trapping-math: we never unmask FP exceptions, and with them assumed GCC 12 would not
+# if-convert a float comparison, so loops with one (SwiGLU's sigmoid, e^x's clamp) stayed
+# scalar: 3% of a 16-stream fp32 step on a Zen 3 EPYC. Results are the same; only what may be
+# vectorized changes (no reassociation, no change to FMA contraction).
+_CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]  # torch picks the C++ standard
 _CPU_LDFLAGS = ["-fopenmp"]
 # Hopper is the target; sm_80 keeps A100s working. Override with TORCH_CUDA_ARCH_LIST.
 _CUDA_ARCHES = ("80", "90")

@@ -16,7 +16,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from chatglm_serve.kernels.build import CPU_HEADERS, CSRC, KernelUnavailable, _load
+from chatglm_serve.kernels.build import (
+    _CPU_CFLAGS,
+    _CPU_LDFLAGS,
+    CPU_HEADERS,
+    CSRC,
+    KernelUnavailable,
+    _load,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,8 @@ def load_decode_kernels(verbose: bool = False) -> ModuleType:
         SOURCES,
         HEADERS,
         verbose,
-        extra_cflags=["-O3", "-fopenmp"],  # -fopenmp: at::parallel_for's threads
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=_CPU_CFLAGS,  # the quantized matmul's flags (build.py says why each)
+        extra_ldflags=_CPU_LDFLAGS,
     )
 
 
