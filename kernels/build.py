@@ -19,6 +19,7 @@ says what to install or run; callers fall back to plain PyTorch.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -180,6 +181,7 @@ def _check_toolchain() -> None:
 
 
 STAMP = "built.json"  # written next to a finished build's .so; see the module docstring
+BUILD_LOCK = ".build.lock"  # flock()ed by the process compiling into the directory (_load)
 _BUILD_INFO = "chatglm_build_info"  # attribute set on every module _load returns
 
 
@@ -279,23 +281,35 @@ def _load(name: str, sources: list[Path], headers: list[Path], verbose: bool, **
             "run `python -m chatglm_serve.kernels.build` where it can, or point CHATGLM_SERVE_KERNEL_CACHE at a "
             "writable directory"
         )
-    log.info("building %s in %s (first use on this machine; about half a minute)", name, build_dir)
     from torch.utils.cpp_extension import load
 
-    t0 = time.monotonic()
-    try:
-        mod = load(
-            name=module,
-            sources=[str(s) for s in sources],
-            build_directory=str(build_dir),
-            verbose=verbose,
-            # copies: load() appends torch's own flags to the lists it is given
-            **{k: list(v) if isinstance(v, list) else v for k, v in kw.items()},
+    # One builder per build directory at a time, under a lock the OS drops however its holder
+    # exits. torch's own lock there (its FileBaton, a plain file named `lock`) stays behind when
+    # a builder is killed mid-compile (a daemon stopped during its first start), and every later
+    # load then waits on it forever; holding ours, no live builder can own that file.
+    with open(build_dir / BUILD_LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        mod = _import_prebuilt(module, build_dir)  # built by the holder this one waited for
+        if mod is not None:
+            return mod
+        (build_dir / "lock").unlink(missing_ok=True)
+        log.info(
+            "building %s in %s (first use on this machine; about half a minute)", name, build_dir
         )
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        raise KernelUnavailable(f"building {name} in {build_dir} failed: {e}") from e
-    secs = time.monotonic() - t0
-    stamp = _write_stamp(build_dir, module, sources, kw, secs)
+        t0 = time.monotonic()
+        try:
+            mod = load(
+                name=module,
+                sources=[str(s) for s in sources],
+                build_directory=str(build_dir),
+                verbose=verbose,
+                # copies: load() appends torch's own flags to the lists it is given
+                **{k: list(v) if isinstance(v, list) else v for k, v in kw.items()},
+            )
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            raise KernelUnavailable(f"building {name} in {build_dir} failed: {e}") from e
+        secs = time.monotonic() - t0
+        stamp = _write_stamp(build_dir, module, sources, kw, secs)
     setattr(mod, _BUILD_INFO, {"prebuilt": False, "seconds": secs, **stamp})
     return mod
 

@@ -224,7 +224,11 @@ r = httpx.post(sys.argv[1] + "/v1/chat/completions", timeout=60,
                json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8})
 assert r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str), r.text
 print("--quantize 4 daemon answered:", r.json()["usage"])' "http://127.0.0.1:$port" || return 1
-    if ! docker logs "$id" 2>&1 | grep -q "loaded prebuilt chatglm_quant_cpu"; then
+    # the log read whole first: `docker logs | grep -q` under pipefail fails when grep stops at
+    # its match before docker has written the rest (SIGPIPE), which made this check flaky
+    local daemon_log
+    daemon_log=$(docker logs "$id" 2>&1)
+    if ! grep -q "loaded prebuilt chatglm_quant_cpu" <<<"$daemon_log"; then
         docker logs --tail 40 "$id"
         log "the --quantize 4 daemon did not load the prebuilt CPU kernel"
         return 1

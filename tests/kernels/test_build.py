@@ -223,6 +223,50 @@ def test_unwritable_cache_without_a_prebuilt_build_says_what_to_run(tmp_path, mo
         build._load("chatglm_quant_cpu", build.CPU_SOURCES, [], False, extra_cflags=["-O3"])
 
 
+_TINY = r"""
+#include <pybind11/pybind11.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", [] { return 42; }); }
+"""
+
+# In a child (a hang is then a timeout, not a stuck test run): a build directory holding the
+# `lock` file of a builder that was killed mid-compile; argv: source, cache dir.
+_STALE = r"""
+import sys
+from pathlib import Path
+
+from chatglm_serve.kernels import build
+
+src = [Path(sys.argv[1])]
+_, build_dir = build._locate("tiny", src, [], {"extra_cflags": ["-O0"]})
+build_dir.mkdir(parents=True)
+(build_dir / "lock").write_text("")
+mod = build._load("tiny", src, [], False, extra_cflags=["-O0"])
+assert mod.answer() == 42 and not (build_dir / "lock").exists()
+assert build._load("tiny", src, [], False, extra_cflags=["-O0"]) is mod
+print("built past the stale lock")
+"""
+
+
+def test_a_build_killed_mid_compile_does_not_block_the_next(tmp_path):
+    """torch's build lock is a plain file that a killed builder leaves behind; the next process
+    to build there must not wait on it forever (it holds an flock of its own instead)."""
+    try:
+        build._check_toolchain()
+    except build.KernelUnavailable as e:
+        pytest.skip(f"no toolchain: {e}")
+    src = tmp_path / "tiny.cpp"
+    src.write_text(_TINY)
+    out = subprocess.run(
+        [sys.executable, "-c", _STALE, str(src)],
+        env={**os.environ, "CHATGLM_SERVE_KERNEL_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "built past the stale lock" in out.stdout
+
+
 def test_cuda_fingerprint_covers_the_target_architectures(monkeypatch):
     kw = {"extra_cuda_cflags": ["-O3"]}
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
