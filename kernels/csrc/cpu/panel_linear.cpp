@@ -223,8 +223,8 @@ __attribute__((target("avx2,fma"))) void group_avx2(const float* x, int64_t M, i
 // it from memory, prefetching 128 rows ahead, the others from L1; with 128-row blocks the
 // panel's requests came in bursts and the same loop took 20% longer. The medium model's
 // linears on a Zen 3 EPYC (standalone loop, medians of 7-9): 16 rows 41 ms against 58 for the
-// 3 x 2 tiles, 12 rows 44 vs 46, 8 rows 31 vs 40, 4 rows 30 vs 33; at 3 rows and below, and
-// above 16 (prefill, where the tiles reach the FMA peak from L2), the tiles stay.
+// 3 x 2 tiles, 12 rows even (44-47 vs 46), 8 rows 31 vs 40, 4 rows 30 vs 33; at 3 rows and
+// below, and above 16 (prefill, where the tiles reach the FMA peak from L2), the tiles stay.
 constexpr int64_t kXtBlock = 32;   // k rows per block
 constexpr int64_t kXtAhead = 128;  // k rows the first column group prefetches ahead (8 KiB)
 
