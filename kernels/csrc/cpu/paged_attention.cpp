@@ -95,6 +95,13 @@ inline const float* row_f32<at::BFloat16>(const at::BFloat16* row, float* buf, u
 
 using chatglm_cpu::load16_f32;
 
+// asks for a cache row's 64-byte lines (the score passes: this position's value row, a key row
+// ahead)
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64)
+    _mm_prefetch(static_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
 // AVX-512 work item: scores for 4 query heads per pass over a key row (independent FMA chains),
 // values accumulated per 16-channel slice with the accumulators in registers. D % 16 == 0.
 // The score pass also asks for the value rows (`vrows`), which the value pass then reads 64
@@ -107,8 +114,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void scores_avx512(
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < L; ++t) {
     const T* k = rows[t];
-    for (int64_t b = 0; b < row_bytes; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(vrows[t]) + b, _MM_HINT_T0);
+    prefetch_row(vrows[t], row_bytes);
     int64_t j = 0;
     for (; j + 4 <= g; j += 4) {
       const float* q0 = qf + j * D;
@@ -186,11 +192,8 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const float* qf, const T* c
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < L; ++t) {
     const T* k = rows[t];
-    for (int64_t b = 0; b < row_bytes; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(vrows[t]) + b, _MM_HINT_T0);
-    if (t + kKeysAhead < L)
-      for (int64_t b = 0; b < row_bytes; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(rows[t + kKeysAhead]) + b, _MM_HINT_T0);
+    prefetch_row(vrows[t], row_bytes);
+    if (t + kKeysAhead < L) prefetch_row(rows[t + kKeysAhead], row_bytes);
     for (int64_t j0 = 0; j0 < g; j0 += 4) {
       const int nj = static_cast<int>(std::min<int64_t>(4, g - j0));
       __m256 a[8];

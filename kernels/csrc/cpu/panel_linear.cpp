@@ -354,13 +354,13 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
   const float* xp = xc.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t groups = (panels + kPanels - 1) / kPanels;
   if (!avx512 && M >= 4 && M <= 16) {
     // the CPU allocator aligns to 64 bytes, as the aligned loads need
     const torch::Tensor xt = torch::empty({K, 16}, x.options());
     xt_linear(xp, M, K, wp, op, N, bp, xt.data_ptr<float>());
     return out;
   }
+  const int64_t groups = (panels + kPanels - 1) / kPanels;
   chatglm_cpu::parallel_chunks(groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t p0 = g * kPanels;
