@@ -13,9 +13,12 @@ one-call decode step, quantized matmuls).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -71,7 +74,11 @@ class BackgroundKernelBuild:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=_child_env(),
+                # its own process group: a Ctrl-C meant for the chat or the daemon in the
+                # terminal must not reach (and kill) the compiler; we end it ourselves at exit
+                process_group=0,
             )
+            atexit.register(_end_group, proc)
             tail: list[str] = []
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -123,6 +130,13 @@ class BackgroundKernelBuild:
             quantized,
             time.monotonic() - t0,
         )
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """At this process's exit: stop a build still running (the compiler's own children too)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def _build_command() -> list[str]:

@@ -166,3 +166,65 @@ def test_an_idle_async_engine_switches_without_waiting_for_a_request():
         import asyncio
 
         asyncio.run(engine.shutdown(timeout=2))
+
+
+BUILDER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    def record(sig, frame):
+        with open(sys.argv[1], "a") as f:
+            f.write(signal.Signals(sig).name + "\\n")
+        os._exit(1)
+    signal.signal(signal.SIGINT, record)
+    signal.signal(signal.SIGTERM, record)
+    with open(sys.argv[1], "w") as f:
+        f.write("started\\n")
+    time.sleep(300)
+    """
+)
+
+SERVER = textwrap.dedent(
+    """
+    import sys, time
+    from chatglm_serve.engine.kernel_warmup import BackgroundKernelBuild
+    BackgroundKernelBuild([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+    print("ready", flush=True)
+    time.sleep(300)  # until the Ctrl-C
+    """
+)
+
+
+def test_a_ctrl_c_in_the_terminal_does_not_reach_the_background_build(tmp_path):
+    """The terminal sends Ctrl-C's SIGINT to its whole foreground process group. The build
+    must not get it (it would die mid-compile, every session, and the kernels would never
+    be built); it is ended with SIGTERM when the serving process exits."""
+    import signal
+    import time
+
+    log = tmp_path / "builder.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # start_new_session: the server and everything it starts are a "terminal's" group
+    p = subprocess.Popen(
+        [sys.executable, "-c", SERVER, BUILDER, str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.read_text() == "started\n"
+        os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, err = p.communicate(timeout=60)
+        assert "KeyboardInterrupt" in err  # the server got it
+        deadline = time.monotonic() + 10
+        while log.read_text() == "started\n" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.read_text() == "started\nSIGTERM\n"  # the build did not; it was ended
+    finally:
+        if p.poll() is None:
+            p.kill()

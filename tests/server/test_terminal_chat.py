@@ -21,6 +21,11 @@ from tests.server.test_cli import ROOT, _env, recording, scripted
 ANSWER = "ChatGLM："
 
 
+# x86-64 / aarch64 syscall numbers of select, pselect6, poll and ppoll (CPython's readline
+# loop calls select(); glibc may issue any of these)
+_SELECT_CALLS = {"23", "270", "7", "271"} if os.uname().machine == "x86_64" else {"72", "73"}
+
+
 class Terminal:
     """`python -m chatglm_serve chat ARGS` with a pty as its controlling terminal (stdin and
     stdout), stderr to a file: what it prints to each can be told apart."""
@@ -75,6 +80,21 @@ class Terminal:
             if time.monotonic() > deadline or not self._read(0.2):
                 raise AssertionError(f"no output after {start}:\n{self.text()}")
 
+    def waiting_for_input(self, timeout: float = 60) -> None:
+        """Wait until the chat's main thread sits in select() on the terminal, as it does
+        once a prompt is up. Why: CPython's readline checks for a signal only when select()
+        is interrupted, so a Ctrl-C that lands between the prompt being written and select()
+        being entered is noticed only at the next key (a person would press it again). A
+        machine typing the instant the prompt shows, on a loaded CI host, hits that window."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read(0.05)
+            with open(f"/proc/{self.pid}/syscall") as f:
+                nr = f.read().split()[0]
+            if nr in _SELECT_CALLS:
+                return
+        raise AssertionError(f"the chat never waited for input:\n{self.text()}")
+
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
@@ -119,6 +139,7 @@ def _clean(text: str) -> None:
 def test_ctrl_c_at_the_first_prompt_exits_cleanly(terminal, tmp_path):
     t = terminal()
     t.expect("用户：")
+    t.waiting_for_input()
     t.type("\x03")
     assert t.wait() == 0
     _clean(t.text())
@@ -149,6 +170,7 @@ def test_a_session_ctrl_c_mid_reply_history_clear_and_exit(terminal, tmp_path):
     at = t.expect("\x1b[2J", at)  # the screen is cleared as the seed's `clear` does
     at = t.expect(WELCOME, at)
     at = t.expect("用户：", at)
+    t.waiting_for_input()
     t.type("\x03")  # Ctrl-C at the prompt: the chat ends
     assert t.wait() == 0
     _clean(t.text())
