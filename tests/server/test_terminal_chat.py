@@ -89,8 +89,12 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._read(0.05)
-            with open(f"/proc/{self.pid}/syscall") as f:
-                nr = f.read().split()[0]
+            try:
+                with open(f"/proc/{self.pid}/syscall") as f:
+                    nr = f.read().split()[0]
+            except OSError:  # no /proc/PID/syscall here (or no permission): give it a moment
+                time.sleep(1.0)
+                return
             if nr in _SELECT_CALLS:
                 return
         raise AssertionError(f"the chat never waited for input:\n{self.text()}")
