@@ -74,9 +74,10 @@ class BackgroundKernelBuild:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=_child_env(),
-                # its own process group: a Ctrl-C meant for the chat or the daemon in the
-                # terminal must not reach (and kill) the compiler; we end it ourselves at exit
-                process_group=0,
+                # its own session (so its own process group): a Ctrl-C meant for the chat or
+                # the daemon in the terminal must not reach (and kill) the compiler; we end it
+                # ourselves at exit (start_new_session, not process_group: Python 3.10 has it)
+                start_new_session=True,
             )
             atexit.register(_end_group, proc)
             tail: list[str] = []
