@@ -7,12 +7,15 @@ memory read bandwidth, all on one checkpoint and in one run.
 
 Each engine decodes --new tokens greedily after the ChatGLM2 chat prompt for "你好" (the same
 ids for every engine) in its own subprocess, one engine at a time (never two at once: on a
-2-core machine they would spoil each other). A run measures every engine once; --runs runs are
-interleaved (so a burst of load elsewhere hits all engines alike) and each row prints the median
-decode tok/s with the range. Decode tok/s = (tokens - 1) / time of the steps after the first
-(which is the prefill), the same formula as the peers' scripts. "GB/s" = weight bytes read per
+2-core machine they would spoil each other). A run measures every engine once, each of our rows
+followed by the peers it is compared with; --runs runs are interleaved (so a burst of load
+elsewhere hits all engines alike) and each row prints the median decode tok/s with the range.
+The ratios are given twice: of the medians, and per run (the two rows measured within seconds
+of each other), because some hosts change the memory rate they give a guest from minute to
+minute. Decode tok/s = (tokens - 1) / time of the steps after the first (which is the
+prefill), the same formula as the peers' scripts. "GB/s" = weight bytes read per
 token (every linear, norm and the output layer; the embedding is one row) x tok/s, next to the
-read bandwidth measured here (a large torch.sum with the same thread count).
+read bandwidth measured just before that row (a large torch.sum with the same thread count).
 
 Ours runs through the engine (LLMEngine.step: scheduler, model, sampler, detokenizer), the way
 the daemon does. Peers: --peers-dir holds their converted files (medium-f32.gguf ...,
@@ -380,20 +383,25 @@ def main() -> None:
         flush=True,
     )
     results: dict[str, list[dict]] = {label: [] for label in labels}
-    bandwidth: list[float] = []
+    labels = paired_order(labels)
     for run in range(args.runs):
         order = labels if run % 2 == 0 else labels[::-1]
-        bw_cmd = [sys.executable, __file__, "--worker", "bandwidth"]
-        bw = subprocess.run(
-            bw_cmd + ["--threads", str(args.threads)], capture_output=True, text=True
-        )
-        bandwidth.append(json.loads(bw.stdout.strip().splitlines()[-1])["gb_s"])
         for label in order:
+            bw = measure_bandwidth(args.threads)
             load = loadavg()
-            res = run_worker(args, label) | {"label": label, "run": run, "loadavg": load}
+            res = run_worker(args, label) | {
+                "label": label,
+                "run": run,
+                "loadavg": load,
+                "bw_gb_s": bw,
+            }
             results[label].append(res)
             shown = f"{res['tok_s']:.1f} tok/s" if "tok_s" in res else res["error"]
-            print(f"  run {run + 1} {label:18} {shown}  (load avg {load:.1f})", flush=True)
+            print(
+                f"  run {run + 1} {label:18} {shown}  (read bandwidth just before {bw:.1f} GB/s,"
+                f" load avg {load:.1f})",
+                flush=True,
+            )
             if args.json_out:
                 with open(args.json_out, "a") as f:
                     f.write(json.dumps(res) + "\n")
@@ -402,9 +410,10 @@ def main() -> None:
         vals = [r["tok_s"] for r in results.get(label, []) if "tok_s" in r]
         return statistics.median(vals) if vals else None
 
+    bandwidth = [r["bw_gb_s"] for rs in results.values() for r in rs]
     bw_med = statistics.median(bandwidth)
     print(
-        f"\nmeasured read bandwidth ({args.threads} threads): {bw_med:.1f} GB/s "
+        f"\nmeasured read bandwidth ({args.threads} threads, before every row): {bw_med:.1f} GB/s "
         f"[{min(bandwidth):.1f}-{max(bandwidth):.1f}]"
     )
     print(f"{'engine':20} {'tok/s':>7} {'[min-max]':>15} {'MB/token':>9} {'GB/s':>6} {'of bw':>6}")
@@ -416,14 +425,46 @@ def main() -> None:
         vals = [r["tok_s"] for r in rs]
         m = statistics.median(vals)
         wb = rs[0]["weight_bytes"]
-        gbs = wb * m / 1e9
+        # each run's share of the bandwidth measured just before it (the host's rate can change
+        # from one minute to the next), then the median of those
+        share = statistics.median(wb * r["tok_s"] / 1e9 / r["bw_gb_s"] for r in rs)
         rng = f"[{min(vals):.1f}-{max(vals):.1f}]"
-        print(f"{label:20} {m:7.1f} {rng:>15} {wb / 1e6:9.1f} {gbs:6.1f} {gbs / bw_med:6.0%}")
-    print("\nratios (medians):")
+        print(f"{label:20} {m:7.1f} {rng:>15} {wb / 1e6:9.1f} {wb * m / 1e9:6.1f} {share:6.0%}")
+    print(
+        "\nratios: of the medians; and per run (the two rows ran next to each other), median [min-max]"
+    )
     for a, b in RATIOS:
         ma, mb = med(a), med(b)
         if ma and mb:
-            print(f"  {a} / {b}: {ma / mb:.2f}x")
+            per_run = paired_ratios(results[a], results[b])
+            line = f"  {a} / {b}: {ma / mb:.2f}x"
+            if per_run:
+                line += f"; per run {statistics.median(per_run):.2f}x [{min(per_run):.2f}-{max(per_run):.2f}]"
+            print(line)
+
+
+def paired_order(labels: list[str]) -> list[str]:
+    """labels with each of our rows followed by the peers it is compared with, so that a ratio
+    compares two measurements taken within seconds of each other."""
+    out: list[str] = []
+    for label in labels:
+        if label in out:
+            continue
+        out.append(label)
+        out += [b for a, b in RATIOS if a == label and b in labels and b not in out]
+    return out
+
+
+def paired_ratios(ours: list[dict], peer: list[dict]) -> list[float]:
+    """ours / peer tok/s of each run where both rows measured."""
+    by_run = {r["run"]: r["tok_s"] for r in peer if "tok_s" in r}
+    return [r["tok_s"] / by_run[r["run"]] for r in ours if "tok_s" in r and r["run"] in by_run]
+
+
+def measure_bandwidth(threads: int) -> float:
+    bw_cmd = [sys.executable, __file__, "--worker", "bandwidth", "--threads", str(threads)]
+    bw = subprocess.run(bw_cmd, capture_output=True, text=True)
+    return json.loads(bw.stdout.strip().splitlines()[-1])["gb_s"]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Logprobs are those of the model's distribution (after the guard, before penaltie
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,19 @@ def _penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
+def _plain_greedy(r: SamplingRow) -> bool:
+    """A row whose token is the argmax of the model's logits as they are."""
+    p = r.params
+    return (
+        p.temperature <= 0
+        and p.logprobs is None
+        and not p.logit_bias
+        and not r.ban_ids
+        and r.guided is None
+        and not _penalized(p)
+    )
+
+
 def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> Tensor:
     width = max(1, max(len(s) for s in seqs))
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
@@ -77,6 +91,13 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> SampleResult:
         logits = logits[:, : self.vocab_size]
+        if all(_plain_greedy(r) for r in rows):
+            # One max per row: a NaN or +inf anywhere in a row is its max, and a row of -inf
+            # has a max of -inf, so finite maxima mean guard() has nothing to fix and the
+            # argmax is the answer. A batch-1 CPU step saved ~0.1 ms of ~3 (int4) this way.
+            best, chosen = logits.max(dim=-1)
+            if all(math.isfinite(v) for v in best.tolist()):
+                return SampleResult(chosen.tolist(), [None] * len(rows))
         n, vocab = logits.shape
         device = logits.device
         logits = self.guard(logits.float())

@@ -129,6 +129,25 @@ def test_nan_and_inf_logits_are_guarded():
     assert ids[0] >= 10 and ids[2] == 7
 
 
+def test_an_all_greedy_batch_is_guarded_too():
+    # every row greedy and plain: the one-max shortcut, which must fall back when a row's
+    # maximum is not finite; and ties go to the first index, in bf16 as in fp32
+    lg = torch.randn(5, V + 14)  # a padded vocabulary: the tail must never win
+    lg[:, V:] = 100.0
+    lg[0, :10] = float("nan")
+    lg[1] = float("nan")
+    lg[2, 7] = float("inf")
+    lg[3] = float("-inf")
+    lg[4, [3, 9]] = 50.0
+    ids = Sampler(V)(lg, [row(temperature=0) for _ in range(5)]).token_ids
+    assert all(0 <= t < V for t in ids)
+    assert ids[0] >= 10 and ids[2] == 7 and ids[4] == 3
+    clean = logits_batch(3, seed=5).bfloat16()
+    clean[1, [4, 20]] = 40.0
+    ids = Sampler(V)(clean, [row(temperature=0) for _ in range(3)]).token_ids
+    assert ids == clean.float().argmax(-1).tolist() and ids[1] == 4
+
+
 def test_logprobs_are_the_models_distribution():
     lg = logits_batch(3, seed=5)
     rows = [row(temperature=0, logprobs=2), row(temperature=0), row(temperature=0.7, logprobs=0)]

@@ -350,7 +350,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, i
             y.data(),
             Npad};
   const int64_t groups = (tiles + kTiles - 1) / kTiles;
-  chatglm_cpu::parallel_chunks(groups, 1, [&](int64_t g0, int64_t g1) {
+  auto run_groups = [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t t0 = g * kTiles;
       const int nt = static_cast<int>(std::min<int64_t>(kTiles, tiles - t0));
@@ -379,6 +379,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, i
     const int64_t n0 = g0 * kTiles * kTileN, n1 = std::min(N, g1 * kTiles * kTileN);
     for (int64_t m = 0; m < M; ++m)
       round_rows(y.data() + m * Npad, bp, n0, n1, op + m * N);
-  });
+  };
+  chatglm_cpu::parallel_shares(groups, 1, run_groups);
   return out;
 }

@@ -361,7 +361,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
     return out;
   }
   const int64_t groups = (panels + kPanels - 1) / kPanels;
-  chatglm_cpu::parallel_chunks(groups, 1, [&](int64_t g0, int64_t g1) {
+  auto run_groups = [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t p0 = g * kPanels;
       const float* w = wp + p0 * K * kPanel;
@@ -379,7 +379,8 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed,
         default: group<1>(xp, M, K, w, o, N, b); break;
       }
     }
-  });
+  };
+  chatglm_cpu::parallel_shares(groups, 1, run_groups);
   return out;
 #else
   TORCH_CHECK(false, "panel_linear: needs an x86-64 CPU with AVX-512 or AVX2");
