@@ -38,15 +38,17 @@ def _model(dtype: torch.dtype, quant: QuantSpec | None = None, **cfg) -> ChatGLM
     return model
 
 
-def _decode_logits(model: ChatGLMForCausalLM, stack: bool, steps: int = 3) -> list[torch.Tensor]:
-    """Prefill three sequences of different lengths, then decode them together `steps` times."""
+def _decode_logits(
+    model: ChatGLMForCausalLM, stack: bool, steps: int = 3, prompts: list[list[int]] = PROMPTS
+) -> list[torch.Tensor]:
+    """Prefill sequences of different lengths, then decode them together `steps` times."""
     model.use_decode_stack = stack
     runner = PagedRunner(model)
-    for seq, ids in enumerate(PROMPTS):
+    for seq, ids in enumerate(prompts):
         runner.step([(seq, ids)])
-    out, nxt = [], [[9], [10], [11]]
+    out, nxt = [], [[9 + seq] for seq in range(len(prompts))]
     for _ in range(steps):
-        logits = runner.step([(seq, nxt[seq]) for seq in range(len(PROMPTS))])
+        logits = runner.step([(seq, nxt[seq]) for seq in range(len(prompts))])
         out.append(logits)
         nxt = [[int(t)] for t in logits.argmax(-1)]
     return out
@@ -72,6 +74,18 @@ def test_fp32_step_matches_layers(cfg):
     assert isinstance(model.layers[0].mlp.dense_h_to_4h, PanelLinear)
     want = _decode_logits(model, stack=False)
     got = _decode_logits(model, stack=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 5])
+def test_a_wide_ffn_step_matches_layers(rows):
+    # SwiGLU over more than decode_stack.cpp's kSerialSilu values is split between threads: by
+    # columns below 4 rows, by rows from 4 (a narrow one runs on the calling thread)
+    _needs(torch.float32)
+    model = _model(torch.float32, ffn_hidden_size=2816)
+    prompts = [list(range(3 + r, 12 + 3 * r)) for r in range(rows)]
+    want = _decode_logits(model, stack=False, prompts=prompts)
+    got = _decode_logits(model, stack=True, prompts=prompts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
