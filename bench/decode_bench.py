@@ -241,6 +241,10 @@ def cpuinfo(field: str) -> str:
     return ""
 
 
+# the CPU flags our kernels and llama.cpp's pick their paths by, printed with every run
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
 def llama_repack(choice: str) -> bool:
     """Whether llama.cpp may repack q4_0/q8_0 weights. It does by default (its interleaved
     layouts are its fast path on AVX2/AVX-512), so we compare against that; only its AMX path
@@ -375,8 +379,11 @@ def main() -> None:
         convert_peers(args, labels)
 
     cpu = cpuinfo("model name") or "unknown CPU"
+    family = f"family {cpuinfo('cpu family') or '?'} model {cpuinfo('model') or '?'}"
+    flags = [f for f in cpuinfo("flags").split() if f in KERNEL_FLAGS]
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M')}  {cpu}, {os.cpu_count()} CPUs, {args.threads} threads; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}  {cpu} ({family}; {' '.join(flags) or 'no AVX2'}), "
+        f"{os.cpu_count()} CPUs, {args.threads} threads; "
         f"checkpoint {args.ckpt} ({cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
         f"vocab {cfg['padded_vocab_size']}); {args.new} tokens after a "
         f"{QUERY!r} chat prompt; {args.runs} runs, median [min-max]",
