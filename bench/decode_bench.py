@@ -83,23 +83,30 @@ def _weight_bytes(model) -> int:
     return total
 
 
-def work_ours(ckpt: str, detail: str, new: int, threads: int) -> dict:
-    import torch
-
+def ours_engine_args(ckpt: str, detail: str):
+    """Our batch-1 engine's arguments for a row's detail ("float32", "bfloat16", "int8",
+    "int4"); bench/step_scaling_bench.py builds the same engines."""
     from chatglm_serve.engine.config import EngineArgs, EngineConfig
-    from chatglm_serve.engine.llm_engine import LLMEngine
-    from chatglm_serve.engine.load import load_model
-    from chatglm_serve.engine.types import SamplingParams
 
-    torch.set_num_threads(threads)
     quantize = {"int8": 8, "int4": 4}.get(detail)
-    args = EngineArgs(
+    return EngineArgs(
         model=ckpt,
         dtype=None if quantize else detail,
         device="cpu",
         quantize=quantize,
         engine=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512),
     )
+
+
+def work_ours(ckpt: str, detail: str, new: int, threads: int) -> dict:
+    import torch
+
+    from chatglm_serve.engine.llm_engine import LLMEngine
+    from chatglm_serve.engine.load import load_model
+    from chatglm_serve.engine.types import SamplingParams
+
+    torch.set_num_threads(threads)
+    args = ours_engine_args(ckpt, detail)
     model, tok = load_model(args)
     weight_bytes = _weight_bytes(model)  # before the runner repacks anything
     engine = LLMEngine(model, tok, args.engine)
@@ -166,24 +173,37 @@ def _weight_bytes_hf(ref) -> int:
     )
 
 
-def work_bandwidth(threads: int, mib: int = 1024) -> dict:
-    """Read bandwidth: best of a few sums over a buffer far larger than any cache, on huge
-    pages where ours get them (model/huge_pages.py), so the share of it is like for like."""
+def sum_buffer(mib: int):
+    """A float32 buffer far larger than any cache, on huge pages where ours get them
+    (model/huge_pages.py), so a share of its read rate is like for like."""
     import torch
 
     from chatglm_serve.model.huge_pages import huge_page_buffer
 
-    torch.set_num_threads(threads)
     buf = huge_page_buffer(mib << 20)
     x = buf.view(torch.float32) if buf is not None else torch.empty(mib << 18)
     x.fill_(1.0)
-    x.sum()
+    return x
+
+
+def read_rate(x, reps: int) -> float:
+    """GB/s of the best of `reps` sums over x, on the current thread count."""
     best = float("inf")
-    for _ in range(7):
+    for _ in range(reps):
         t0 = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t0)
-    return {"gb_s": x.numel() * 4 / best / 1e9, "threads": threads}
+    return x.numel() * x.element_size() / best / 1e9
+
+
+def work_bandwidth(threads: int, mib: int = 1024) -> dict:
+    """Read bandwidth: the best of a few sums over sum_buffer(mib)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = sum_buffer(mib)
+    x.sum()
+    return {"gb_s": read_rate(x, 7), "threads": threads}
 
 
 # ---- peers ------------------------------------------------------------------------------------

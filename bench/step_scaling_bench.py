@@ -21,35 +21,22 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from decode_bench import cpuinfo, ours_engine_args, read_rate, sum_buffer
 
-from chatglm_serve.engine.config import EngineArgs, EngineConfig
 from chatglm_serve.engine.llm_engine import LLMEngine
 from chatglm_serve.engine.load import load_model
 from chatglm_serve.engine.types import SamplingParams
 from chatglm_serve.kernels import cpu_decode
-from chatglm_serve.model.huge_pages import huge_page_buffer
 
-FORMATS = {
-    "fp32": ("float32", None),
-    "bf16": ("bfloat16", None),
-    "int8": (None, 8),
-    "int4": (None, 4),
-}
+# format -> decode_bench.py's row detail
+FORMATS = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 
 
 def captured_step(ckpt: str, fmt: str) -> tuple[tuple, dict, int]:
     """The args of a decode_stack call from a real engine step, and the bytes it reads."""
-    dtype, quantize = FORMATS[fmt]
-    args = EngineArgs(
-        model=ckpt,
-        dtype=dtype,
-        device="cpu",
-        quantize=quantize,
-        engine=EngineConfig(max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512),
-    )
+    args = ours_engine_args(ckpt, FORMATS[fmt])
     model, tok = load_model(args)
     engine = LLMEngine(model, tok, args.engine)
     seen: list = []
@@ -75,16 +62,6 @@ def captured_step(ckpt: str, fmt: str) -> tuple[tuple, dict, int]:
     return a, kw, nbytes
 
 
-def sum_rate(buf: torch.Tensor, reps: int = 3) -> float:
-    """GB/s of the best of `reps` sums over buf (on huge pages where the machine has them)."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * buf.element_size() / best / 1e9
-
-
 def time_calls(a: tuple, kw: dict, calls: int) -> float:
     """Median seconds of one decode_stack call."""
     times = []
@@ -108,11 +85,9 @@ def main() -> None:
     ap.add_argument("--sum-mib", type=int, default=512)
     args = ap.parse_args()
 
-    buf = huge_page_buffer(args.sum_mib << 20)
-    buf = buf.view(torch.float32) if buf is not None else torch.empty(args.sum_mib << 18)
-    buf.fill_(1.0)
+    buf = sum_buffer(args.sum_mib)
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M')}  {_cpu()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}  {cpuinfo('model name') or 'unknown CPU'}, {os.cpu_count()} CPUs, "
         f"ISAs {','.join(cpu_decode.allowed_isas())}; {args.ckpt}; {args.samples} samples x "
         f"{args.calls} calls; share = step GB/s / the sum's GB/s just before, same threads",
         flush=True,
@@ -125,7 +100,7 @@ def main() -> None:
             for t in order:
                 torch.set_num_threads(t)
                 time_calls(a, kw, 2)  # the threads' first touch after the switch
-                rate = sum_rate(buf)
+                rate = read_rate(buf, 3)
                 sec = time_calls(a, kw, args.calls)
                 rows[t].append((sec, rate))
                 print(
@@ -139,15 +114,6 @@ def main() -> None:
             share = statistics.median(nbytes / r[0] / 1e9 / r[1] for r in rs)
             summary.append(f"{t}t {ms:.2f} ms ({share:.0%} of the sum)")
         print(f"{fmt}: {nbytes / 1e6:.1f} MB a step; medians: " + "; ".join(summary), flush=True)
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
-    return names[0] if names else "unknown CPU"
 
 
 if __name__ == "__main__":
